@@ -1,0 +1,125 @@
+"""Checkpoints (DESIGN.md "Checkpoints"): atomic writes, finding what to resume, and
+`load_model`, which rebuilds a model from any checkpoint the engine wrote."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.errors import UserError
+from engine.models import build_model
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def save(obj: dict, path: Path) -> None:
+    """Write atomically: a temp file in the same folder, fsync, then rename over `path`.
+    A crash at any moment leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read(path: str | os.PathLike) -> dict:
+    """Load a checkpoint or state-dict file on the CPU; a broken file is a user error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(
+            f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def state_dict_of(obj: dict) -> dict[str, torch.Tensor]:
+    """The model weights of an engine checkpoint or of a bare (torchvision-format) state dict,
+    with DDP / torch.compile prefixes removed."""
+    sd = obj["model"] if "model" in obj and isinstance(obj["model"], dict) else obj
+    out = {}
+    for key, value in sd.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume(run_root: Path, name: str) -> Path | None:
+    """The newest run folder of recipe `name` under `run_root` that has checkpoints/last.pt
+    and no summary.json (that is, did not finish)."""
+    if not run_root.is_dir():
+        return None
+    candidates = sorted(
+        (d for d in run_root.glob(f"{name}-*") if d.is_dir()), key=lambda d: d.name, reverse=True
+    )
+    for d in candidates:
+        if (d / "checkpoints" / "last.pt").is_file() and not (d / "summary.json").exists():
+            return d
+    return None
+
+
+def load_model(path: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild the model stored in an engine checkpoint, on the CPU, in eval mode: the same
+    architecture (at its pruned widths where structurally pruned) and weights."""
+    ckpt = read(path)
+    arch = ckpt.get("arch")
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise UserError(f"checkpoint {path}: no 'arch' entry (not written by this engine)")
+    model = build_model(arch["name"], arch["num_classes"])
+    apply_arch(model, arch)
+    model.load_state_dict(state_dict_of(ckpt))
+    return model.eval()
+
+
+def arch_of(model: torch.nn.Module, name: str, num_classes: int) -> dict[str, Any]:
+    """What rebuilds `model`: its architecture name, classes, and every conv/linear/BN shape
+    that differs from the dense model (structured pruning changes them)."""
+    dense = build_model(name, num_classes).state_dict()
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if dense[k].shape != v.shape}
+    return {"name": name, "num_classes": num_classes, "shapes": shapes}
+
+
+def apply_arch(model: torch.nn.Module, arch: dict[str, Any]) -> None:
+    """Resize modules of a freshly built dense model to the shapes in `arch`."""
+    if arch.get("shapes"):
+        from engine.prune.surgery import resize_to
+
+        resize_to(model, arch["shapes"])

@@ -1,0 +1,92 @@
+"""Rank, world and collectives. The only module that reads torchrun's environment.
+
+NCCL when CUDA is used, gloo otherwise. With one process nothing is initialised and every
+collective is a no-op, so the same code runs under `python -m` and `torchrun`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks in place and return it (a host sync for whoever reads it)."""
+        if self.active:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (run folder names, resume decisions)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_equal(self, t: torch.Tensor) -> bool:
+        """Whether `t` is bitwise identical on every rank (masks, checkpoints)."""
+        if not self.active:
+            return True
+        ref = t.clone()
+        tdist.broadcast(ref, src=0)
+        same = torch.tensor([int(torch.equal(ref, t))], device=t.device)
+        tdist.all_reduce(same, op=tdist.ReduceOp.MIN)
+        return bool(same.item())
+
+
+def init(device: str = "auto") -> Dist:
+    """Join torchrun's process group if there is one; pick the device and backend.
+
+    `device` is "auto" (CUDA if available), "cpu" or "cuda".
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world == 1:
+        return Dist(0, 1, 0, dev, None)
+    backend = "nccl" if use_cuda else "gloo"
+    tdist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=30),
+        device_id=dev if use_cuda else None,
+    )
+    return Dist(rank, world, local_rank, dev, backend)
+
+
+def close(dist: Dist) -> None:
+    if dist.active and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,141 @@
+"""What a run writes about itself: metrics.jsonl, config.yaml, env.json, TensorBoard events,
+and the progress bar. Only rank 0 writes; on other ranks every method is a no-op."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from engine.errors import UserError
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (DESIGN.md "Metrics log")."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, elapsed: float = 0.0):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.start = time.time() - elapsed
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "recipe key 'log.tensorboard': the tensorboard package is not installed "
+                    "(pip install 'engine[tensorboard]')"
+                ) from None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def write(self, kind: str, stage: int, epoch: float, step: int, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "stage": stage, "epoch": round(epoch, 4), "step": step}
+        row["time"] = round(self.elapsed(), 3)
+        row.update(fields)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for name, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"stage{stage}/{kind}/{name}", value, step)
+
+    def truncate_after(self, stage: int, step: int) -> None:
+        """Drop lines a crashed run wrote after the checkpoint it resumes from, so the log
+        has neither duplicates nor gaps."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            before = row["stage"] < stage or (row["stage"] == stage and row["step"] <= step)
+            ended = row["stage"] == stage and row.get("event") == "end"
+            if before and not ended:
+                keep.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
+    """A per-epoch progress bar on rank 0 (disabled elsewhere)."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+        file=sys.stderr,
+    )
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def git_commit() -> str | None:
+    """The code version: the commit of the checkout this package runs from, '+dirty' if edited."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
+def environment(world_size: int, device: torch.device) -> dict:
+    """Versions, devices, code version and world size: what env.json records."""
+    import torchvision
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "git_commit": git_commit(),
+    }
+    for name in ("triton", "nvidia.dali"):
+        try:
+            env[name] = __import__(name, fromlist=["__version__"]).__version__
+        except ImportError:
+            env[name] = None
+    return env
+
+
+def write_env(run_dir: Path, env: dict) -> None:
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")

@@ -1,0 +1,109 @@
+"""Optimizer construction: SGD with momentum, weight decay optionally off for BN and biases,
+fused on CUDA and foreach on the CPU; MaskedSGD keeps pruned weights exactly zero."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """One group with weight decay; when `decay_bn_bias` is off, a second group without it
+    for every parameter of one dimension (BN weights and biases, all biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_bn_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class MaskedSGD(torch.optim.SGD):
+    """SGD whose masked (pruned) entries stay exactly zero: the update, the momentum buffer and
+    the weight decay of a pruned weight are all zero. No forward hooks.
+
+    On CUDA (with `fused` set) one Triton kernel per dtype does the whole update, mask
+    included, in one pass over memory (kernels.masked_sgd_); it also takes an fp16 GradScaler's
+    scale and found-inf flag on the device, so that path needs no host sync. Elsewhere: one
+    multiply of all masked grads, then torch's foreach SGD (a pruned weight is zero, so its
+    decay term is zero too). The state dict is torch.optim.SGD's (`momentum_buffer` per
+    parameter), so checkpoints move between the two. Masks are bool tensors by parameter.
+    """
+
+    def __init__(
+        self, params, masks: dict[torch.nn.Parameter, torch.Tensor], fused_masked: bool, **kwargs
+    ):
+        super().__init__(params, **kwargs)
+        self.masks = masks
+        self.fused_masked = fused_masked
+        self._step_supports_amp_scaling = fused_masked  # GradScaler passes its tensors to step()
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale=None, found_inf=None):
+        if self.fused_masked:
+            return self._fused_step(grad_scale, found_inf)
+        grads, masks = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p in self.masks:
+                    grads.append(p.grad)
+                    masks.append(self.masks[p])
+        if grads:
+            torch._foreach_mul_(grads, masks)  # one pass over all masked grads
+        return super().step(closure)
+
+    def _fused_step(self, grad_scale, found_inf) -> None:
+        import kernels
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # zeros: the kernel's first step is buf = g
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            kernels.masked_sgd_(
+                params,
+                [p.grad for p in params],
+                bufs,
+                [self.masks.get(p) for p in params],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+
+
+def build(
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> torch.optim.Optimizer:
+    """SGD over `model`'s parameters, MaskedSGD when `masks` (by parameter name) are given; the
+    fused CUDA kernel where the parameters live on a GPU (it also lets an fp16 GradScaler skip
+    its per-step host sync)."""
+    on_cuda = next(model.parameters()).is_cuda
+    kwargs = dict(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else True,
+    )
+    groups = param_groups(model, cfg)
+    if not masks:
+        return torch.optim.SGD(groups, **kwargs)
+    named = dict(model.named_parameters())
+    by_param = {named[name]: mask.to(named[name].device) for name, mask in masks.items()}
+    fused_masked = on_cuda and cfg.fused_masked
+    if fused_masked:
+        kwargs.update(fused=None, foreach=None)
+    return MaskedSGD(groups, by_param, fused_masked, **kwargs)

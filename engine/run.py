@@ -1,0 +1,179 @@
+"""Entry point: `python -m engine.run RECIPE.yaml [dotted.key=value ...]`, also under torchrun.
+
+Parse, build, run the stages, close. User errors end with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from engine import checkpoint, config, distributed
+from engine.config import Recipe
+from engine.data import build_loaders
+from engine.distributed import Dist
+from engine.errors import UserError
+from engine.logging import MetricsLog, environment, write_config, write_env
+from engine.models import build_model
+from engine.preemption import Interrupted, StopRequest
+from engine.stages import Context, run_all
+
+USAGE = "usage: python -m engine.run RECIPE.yaml [dotted.key=value ...]   (--help lists the keys)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        if argv:
+            print("\n".join(config.describe()))
+        return 0 if argv else 2
+    dist = None
+    try:
+        recipe = config.load(argv[0], argv[1:])
+        dist = distributed.init(recipe.run.device)
+        return train(recipe, dist)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        if dist is None or dist.is_main:
+            print(str(e), file=sys.stderr)
+        return e.exit_code
+    finally:
+        if dist is not None:
+            distributed.close(dist)
+
+
+def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
+    """The run folder and, when resuming, the last.pt to resume from (decided on rank 0)."""
+    run = recipe.run
+    if run.resume not in ("", "auto"):
+        target = Path(run.resume)
+        ckpt = target / "checkpoints" / "last.pt" if target.is_dir() else target
+        if not ckpt.is_file():
+            raise UserError(f"recipe key 'run.resume': no checkpoint at {ckpt}")
+        return ckpt.parent.parent, ckpt
+    if run.dir:
+        path = Path(run.dir)
+        last = path / "checkpoints" / "last.pt"
+        if run.resume == "auto" and last.is_file():
+            return path, last
+        if (path / "metrics.jsonl").exists():
+            raise UserError(
+                f"recipe key 'run.dir': {path} already holds a run; add run.resume=auto to "
+                "continue it, or choose another folder"
+            )
+        return path, None
+    if run.resume == "auto":
+        found = checkpoint.find_resume(Path("runs"), recipe.name)
+        if found is not None:
+            return found, found / "checkpoints" / "last.pt"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("runs") / f"{recipe.name}-{stamp}", None
+
+
+def train(recipe: Recipe, dist: Dist) -> int:
+    run_dir, resume_path = dist.broadcast_object(choose_run_dir(recipe) if dist.is_main else None)
+    if (run_dir / "summary.json").exists():
+        if dist.is_main:
+            print(f"{run_dir} has finished already (summary.json); nothing to do")
+        return 0
+    resume = checkpoint.read(resume_path) if resume_path is not None else None
+    if dist.is_main:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(
+                f"recipe key 'run.dir': cannot write to {run_dir} ({e.strerror})"
+            ) from None
+        if resume is None:
+            write_config(run_dir, config.to_dict(recipe))
+        write_env(run_dir, environment(dist.world_size, dist.device))
+    dist.barrier()
+
+    torch.manual_seed(recipe.seed)  # identical initial weights on every rank
+    m = recipe.model
+    model = build_model(m.arch, m.num_classes, m.zero_init_residual)
+    arch = {"name": m.arch, "num_classes": m.num_classes, "shapes": {}}
+    memory_format = torch.channels_last if recipe.precision.channels_last else torch.preserve_format
+    model.to(dist.device, memory_format=memory_format)
+    train_loader, val_loader = build_loaders(
+        recipe.data,
+        dist=dist,
+        seed=recipe.seed,
+        num_classes=m.num_classes,
+        channels_last=recipe.precision.channels_last,
+    )
+    log = MetricsLog(
+        run_dir, dist.is_main, recipe.log.tensorboard, resume["elapsed"] if resume else 0.0
+    )
+    stop = StopRequest()
+    stop.install()
+    ctx = Context(recipe, dist, run_dir, log, model, arch, train_loader, val_loader, stop)
+    if resume is not None:
+        restore(ctx, resume)
+    results = run_all(ctx, resume)
+    log.close()
+    if dist.is_main:
+        summary = {"run_dir": str(run_dir), "stages": results, "seconds": round(log.elapsed(), 1)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(recipe, summary))
+    return 0
+
+
+def restore(ctx: Context, ckpt: dict) -> None:
+    """Put a last.pt back: architecture, weights, masks, RNG; trim the metrics log to it."""
+    arch = ckpt.get("arch") or {}
+    if arch.get("name") != ctx.arch["name"]:
+        raise UserError(
+            f"recipe key 'model.arch': the run to resume holds a {arch.get('name')}, "
+            f"not a {ctx.arch['name']}"
+        )
+    checkpoint.apply_arch(ctx.model, arch)
+    ctx.arch = arch
+    fmt = torch.channels_last if ctx.recipe.precision.channels_last else torch.preserve_format
+    ctx.model.to(ctx.dist.device, memory_format=fmt)
+    ctx.model.load_state_dict(ckpt["model"])
+    ctx.masks = {k: v.to(ctx.dist.device) for k, v in ckpt.get("masks", {}).items()}
+    checkpoint.set_rng_state(ckpt["rng"])
+    if ckpt["stage_done"]:
+        ctx.log.truncate_after(ckpt["stage"] + 1, -1)
+    else:
+        ctx.log.truncate_after(ckpt["stage"], ckpt["step"])
+    ctx.say(f"resuming {ctx.run_dir} at stage {ckpt['stage']} step {ckpt['step']}")
+
+
+COLUMNS = (  # closing table: header, result key, format
+    ("stage", "stage", "d"),
+    ("kind", "kind", ""),
+    ("epochs", "epochs", "d"),
+    ("sparsity", "sparsity", ".3f"),
+    ("top1 %", "top1", ".2f"),
+    ("top5 %", "top5", ".2f"),
+    ("img/s", "img_per_s", ".0f"),
+    ("seconds", "seconds", ".0f"),
+)
+
+
+def format_summary(recipe: Recipe, summary: dict) -> str:
+    """The closing table: per stage, sparsity, accuracy and speed; then the run folder."""
+    rows = [[h for h, _, _ in COLUMNS]]
+    for result in summary["stages"]:
+        rows.append([format(result[k], f) if k in result else "-" for _, k, f in COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [f"\n{recipe.name}: finished in {summary['seconds']:.0f} s"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.append(f"run folder: {summary['run_dir']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

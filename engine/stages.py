@@ -1,0 +1,271 @@
+"""The stage runner: a recipe's stages run in order over one shared context (model, data, run
+folder). Each stage kind is a function registered in RUNNERS; new kinds slot in there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine import checkpoint, config, optim, prune, schedules
+from engine.config import LoadStage, PruneStage, Recipe, RetrainStage, TrainStage, to_dict
+from engine.data import epoch_seed
+from engine.distributed import Dist
+from engine.errors import UserError
+from engine.evaluate import evaluate
+from engine.logging import MetricsLog
+from engine.preemption import Interrupted, StopRequest
+from engine.train import StagePlan, amp_dtype, fit
+
+
+@dataclass
+class Context:
+    """Everything stages share. `model` is the bare module on the device (never wrapped)."""
+
+    recipe: Recipe
+    dist: Dist
+    run_dir: Path
+    log: MetricsLog
+    model: torch.nn.Module
+    arch: dict
+    train_loader: object
+    val_loader: object | None
+    stop: StopRequest
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    results: list[dict] = field(default_factory=list)
+    epochs_run: int = 0  # by this process, for run.stop_after_epochs
+
+    @property
+    def show_progress(self) -> bool:
+        return self.dist.is_main and self.recipe.log.progress
+
+    def say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, flush=True)
+
+    def epoch_key(self, stage: int, epoch: int) -> int:
+        """The data-order key of an epoch: distinct per stage, identical on resume."""
+        return stage * 100_000 + epoch
+
+    @property
+    def lr(self) -> float:
+        """The peak LR of the original schedule, linearly scaled when optim.reference_batch
+        is set."""
+        o = self.recipe.optim
+        if not o.reference_batch:
+            return o.lr
+        return o.lr * self.recipe.data.batch_size * self.dist.world_size / o.reference_batch
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return optim.build(self.model, self.recipe.optim, self.masks)
+
+    def save_rewind(self, epoch: int) -> None:
+        """checkpoints/rewind-epoch<e>.pt: the weights after epoch e, for `wr` retraining."""
+        if self.dist.is_main:
+            path = self.run_dir / "checkpoints" / f"rewind-epoch{epoch}.pt"
+            checkpoint.save({"model": self.model.state_dict(), "arch": self.arch}, path)
+
+    def evaluate(self, stage: int, step: int, epoch: float) -> dict:
+        """Evaluate the bare model now and log an `eval` line ({} without a val set)."""
+        if self.val_loader is None:
+            return {}
+        metrics = evaluate(self.model, self.val_loader, self.dist, amp_dtype(self.recipe.precision))
+        self.log.write("eval", stage, epoch, step, **metrics)
+        return metrics
+
+    def stop_requested(self, sync_point: bool) -> bool:
+        """A signal arrived. One process: checked every step. Several: agreed on at log steps
+        only (an all-reduce), so every rank stops after the same step."""
+        if not self.dist.active:
+            return self.stop.requested
+        if not sync_point:
+            return False
+        flag = torch.tensor([float(self.stop.requested)], device=self.dist.device)
+        return bool(self.dist.all_reduce_sum(flag).item())
+
+    def stop_message(self, step: int) -> str:
+        return (
+            f"stopped at step {step}; last.pt saved in {self.run_dir}. Resume with the same "
+            f"command plus run.resume=auto (or run.dir={self.run_dir} run.resume=auto)"
+        )
+
+    def state(self, stage: int, step: int, done: bool) -> dict:
+        """A checkpoint dict in DESIGN.md's format (optimizer added by the caller)."""
+        return {
+            "model": self.model.state_dict(),
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "arch": self.arch,
+            "stage": stage,
+            "step": step,
+            "epoch": step / len(self.train_loader),
+            "stage_done": done,
+            "config": to_dict(self.recipe),
+            "rng": checkpoint.rng_state(),
+            "elapsed": self.log.elapsed(),
+            "results": self.results,
+        }
+
+    def save_last(self, stage: int, step: int, opt=None, scaler=None, done: bool = False) -> None:
+        """Write checkpoints/last.pt (rank 0 only; every rank holds the same weights)."""
+        if not self.dist.is_main:
+            return
+        state = self.state(stage, step, done)
+        state["optimizer"] = opt.state_dict() if opt is not None else None
+        state["scaler"] = scaler.state_dict() if scaler is not None else None
+        checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
+
+
+def run_load(ctx: Context, stage: LoadStage, index: int, resume: dict | None) -> dict:
+    """Load weights from an engine checkpoint or a torchvision-format state dict."""
+    obj = checkpoint.read(stage.checkpoint)
+    arch = obj.get("arch")
+    if isinstance(arch, dict) and arch.get("name") != ctx.arch["name"]:
+        raise UserError(
+            f"recipe key 'stages.{index}.load.checkpoint': {stage.checkpoint} holds a "
+            f"{arch.get('name')} but model.arch is {ctx.arch['name']}"
+        )
+    sd = checkpoint.state_dict_of(obj)
+    try:
+        ctx.model.load_state_dict(sd, strict=stage.strict)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(
+            f"recipe key 'stages.{index}.load.checkpoint': weights do not fit "
+            f"model.arch={ctx.arch['name']} ({first})"
+        ) from None
+    if ctx.recipe.precision.channels_last:
+        ctx.model.to(memory_format=torch.channels_last)
+    ctx.say(f"stage {index} load: {stage.checkpoint}")
+    return {}
+
+
+def run_train(ctx: Context, stage: TrainStage, index: int, resume: dict | None) -> dict:
+    """Dense training with the recipe's original schedule."""
+    r = ctx.recipe
+    spe = len(ctx.train_loader)
+    epochs = stage.epochs or r.schedule.epochs
+    lr = schedules.build(r.schedule, ctx.lr, spe)
+    plan = StagePlan(index, epochs * spe, lr, rewind_epochs=tuple(stage.rewind_epochs))
+    result = fit(ctx, plan, resume)
+    return {"epochs": epochs, **result}
+
+
+def run_prune(ctx: Context, stage: PruneStage, index: int, resume: dict | None) -> dict:
+    """Prune ctx.model in place: unstructured masks (identical on every rank, checked) or
+    structured surgery; log sparsity, parameters, FLOPs and the per-layer table; evaluate."""
+    r = ctx.recipe
+    generator = torch.Generator().manual_seed(epoch_seed(r.seed, index, 0))  # same on all ranks
+    if stage.method in prune.UNSTRUCTURED:
+        ctx.masks = prune.unstructured_masks(
+            ctx.model,
+            stage.method,
+            stage.sparsity,
+            scope=stage.scope if stage.method == "random" else None,
+            generator=generator,
+            masks=ctx.masks or None,
+            include_linear=stage.include_linear,
+            exclude_first=stage.exclude_first,
+            exclude_downsample=stage.exclude_downsample,
+        )
+        flat = torch.cat([m.flatten() for m in ctx.masks.values()]).to(torch.uint8)
+        if not ctx.dist.all_equal(flat):
+            raise RuntimeError("pruning masks differ between ranks")
+        prune.apply_masks_(ctx.model, ctx.masks)
+    else:
+        amount = stage.setting or stage.fraction
+        try:
+            prune.structured_prune_(
+                ctx.model, ctx.arch["name"], stage.method, amount, generator=generator
+            )
+        except ValueError as e:
+            raise UserError(f"recipe key 'stages.{index}.prune': {e}") from None
+        ctx.arch = checkpoint.arch_of(ctx.model, ctx.arch["name"], ctx.arch["num_classes"])
+    rep = prune.report(ctx.model, ctx.masks or None)
+    dense, effective = prune.count_flops(ctx.model, r.data.image_size, ctx.masks or None)
+    layers = [[name, list(shape), round(kept, 4)] for name, shape, kept in rep["layers"]]
+    found = {"sparsity": rep["sparsity"], "params": rep["params"]}
+    found |= {"flops": dense, "flops_effective": effective}
+    ctx.log.write("prune", index, 0.0, 0, method=stage.method, **found, layers=layers)
+    ctx.say(
+        f"stage {index} prune ({stage.method}): sparsity {rep['sparsity']:.4f}, "
+        f"{rep['params']:,} nonzero parameters, {dense / 1e6:.1f} MFLOPs dense, "
+        f"{effective / 1e6:.1f} effective\n{prune.format_table(rep['layers'])}"
+    )
+    return {**found, **ctx.evaluate(index, 0, 0.0)}
+
+
+def run_retrain(ctx: Context, stage: RetrainStage, index: int, resume: dict | None) -> dict:
+    """Retrain the pruned model with a variant's schedule derived from the original one."""
+    r = ctx.recipe
+    spe = len(ctx.train_loader)
+    plan = schedules.retrain(
+        stage.variant,
+        r.schedule,
+        ctx.lr,
+        stage.epochs,
+        spe,
+        cycle_momentum=stage.cycle_momentum,
+        momentum_range=tuple(stage.momentum_range),
+    )
+    if stage.variant == "wr" and resume is None:
+        rewind(ctx, stage, index)
+    result = fit(ctx, StagePlan(index, plan.total_steps, plan.lr, plan.momentum), resume)
+    sparsity = prune.report(ctx.model, ctx.masks or None)["sparsity"]
+    return {"epochs": stage.epochs, "variant": stage.variant, "sparsity": sparsity, **result}
+
+
+def rewind(ctx: Context, stage: RetrainStage, index: int) -> None:
+    """Weight rewinding: the dense weights of epoch T - E, with the current masks applied."""
+    source = config.rewind_source(ctx.recipe, stage, index)
+    if isinstance(source, int):
+        source = ctx.run_dir / "checkpoints" / f"rewind-epoch{source}.pt"
+    ctx.model.load_state_dict(checkpoint.state_dict_of(checkpoint.read(source)))
+    prune.apply_masks_(ctx.model, ctx.masks)
+    ctx.say(f"stage {index} wr: weights rewound to {source}")
+
+
+RUNNERS: dict[str, Callable[[Context, object, int, dict | None], dict]] = {
+    "load": run_load,
+    "train": run_train,
+    "prune": run_prune,
+    "retrain": run_retrain,
+}
+
+
+def run_all(ctx: Context, resume: dict | None) -> list[dict]:
+    """Run the recipe's stages from the start, or from where `resume` (a last.pt) stopped."""
+    start = 0
+    if resume is not None:
+        ctx.results = list(resume.get("results", []))
+        start = resume["stage"] + 1 if resume["stage_done"] else resume["stage"]
+    for index, stage in enumerate(ctx.recipe.stages):
+        if index < start:
+            continue
+        mid_stage = resume if resume is not None and index == resume["stage"] else None
+        if mid_stage is None:
+            ctx.log.write("stage", index, 0.0, 0, event="start", name=stage.kind)
+        began = time.time()
+        result = RUNNERS[stage.kind](ctx, stage, index, mid_stage)
+        result["seconds"] = round(time.time() - began, 1)
+        ctx.results.append({"stage": index, "kind": stage.kind, **result})
+        steps = len(ctx.train_loader) * result.get("epochs", 0)
+        ctx.log.write(
+            "stage",
+            index,
+            float(result.get("epochs", 0)),
+            steps,
+            event="end",
+            name=stage.kind,
+            **result,
+        )
+        if ctx.dist.is_main:
+            path = ctx.run_dir / "checkpoints" / f"stage{index}-{stage.kind}.pt"
+            checkpoint.save(ctx.state(index, steps, done=True), path)
+            ctx.save_last(index, steps, done=True)
+        stop_after = ctx.recipe.run.stop_after_epochs
+        if stop_after and ctx.epochs_run >= stop_after and index + 1 < len(ctx.recipe.stages):
+            raise Interrupted(ctx.stop_message(steps), 0)
+    return ctx.results
