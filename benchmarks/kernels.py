@@ -1,0 +1,250 @@
+"""Time one masked SGD step over ResNet-50's parameters: our kernel vs the usual ways to mask."""
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+# This script shares its name with the package it measures: search the repo root, not benchmarks/.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+import kernels  # noqa: E402
+
+SPARSITY = 0.8  # unstructured, random, on every conv weight
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
+
+
+def _model(device: torch.device) -> nn.Module:
+    """torchvision ResNet-50 (random init), channels_last like the engine trains it."""
+    return torchvision.models.resnet50().to(device, memory_format=torch.channels_last)
+
+
+def _keep_masks(model: nn.Module, seed: int = 0) -> dict[nn.Module, Tensor]:
+    """Random uint8 keep-masks (1 - SPARSITY kept) for every conv weight, in its memory format."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        m: (torch.rand(m.weight.shape, generator=gen) >= SPARSITY)
+        .to(m.weight.device, torch.uint8)
+        .contiguous(memory_format=torch.channels_last)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    }
+
+
+def _must_move(model: nn.Module, masks: dict[nn.Module, Tensor]) -> int:
+    """Bytes an update must move: read w, grad, buf (+ uint8 mask), write w, buf."""
+    params = sum(p.numel() * p.element_size() * 5 for p in model.parameters())
+    return params + sum(m.numel() for m in masks.values())
+
+
+def _median_seconds(step: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median wall time of step(); warm-up (and Triton compilation) is outside the timed region."""
+    for _ in range(3):
+        step()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    torch.cuda.synchronize()  # host sync: start the timed steps on an idle stream
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(repeats)
+    ]
+    for start, end in pairs:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()  # host sync: once, after all repeats, to read the events
+    return statistics.median(s.elapsed_time(e) / 1e3 for s, e in pairs)
+
+
+def _with_grads(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters, each given a random grad in its own memory format."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def bench_ours(device: torch.device, repeats: int) -> tuple[float, int]:
+    """(a) kernels.masked_sgd_: the Triton kernel on CUDA, its torch foreach path on CPU."""
+    model = _model(device)
+    masks = _keep_masks(model)
+    params = _with_grads(model)
+    ws = [p.detach() for p in params]
+    gs = [p.grad for p in params]
+    bufs = [torch.zeros_like(w) for w in ws]
+    by_param = {id(m.weight): k for m, k in masks.items()}
+    ms = [by_param.get(id(p)) for p in params]
+    lr = torch.tensor(LR, device=device)
+    update = kernels.masked_sgd_ if device.type == "cuda" else kernels.masked_sgd_torch_
+    step = lambda: update(
+        ws, gs, bufs, ms, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=False
+    )
+    return _median_seconds(step, device, repeats), _must_move(model, masks)
+
+
+def bench_fused_sgd_two_passes(device: torch.device, repeats: int) -> float:
+    """(b) torch fused SGD, with one _foreach_mul_ of grads by masks before, of weights after."""
+    model = _model(device)
+    masks = _keep_masks(model)
+    params = _with_grads(model)
+    pruned = [m.weight for m in masks]
+    keep = [k.to(m.weight.dtype) for m, k in masks.items()]  # same dtype: foreach fast path
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
+
+    @torch.no_grad()
+    def step() -> None:
+        torch._foreach_mul_([p.grad for p in pruned], keep)
+        opt.step()
+        torch._foreach_mul_(pruned, keep)
+
+    return _median_seconds(step, device, repeats)
+
+
+def bench_prune_hooks(device: torch.device, repeats: int) -> float:
+    """(c) torch.nn.utils.prune masks: foreach SGD on weight_orig, then every module's pre-hook."""
+    model = _model(device)
+    masks = _keep_masks(model)
+    for m, k in masks.items():
+        prune.custom_from_mask(m, "weight", k.to(m.weight.dtype))
+    hooks = [
+        (m, h)
+        for m in masks
+        for h in m._forward_pre_hooks.values()
+        if isinstance(h, prune.BasePruningMethod)
+    ]
+    opt = torch.optim.SGD(
+        _with_grads(model), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True
+    )
+
+    def step() -> None:
+        opt.step()
+        for m, h in hooks:  # what the next forward pays: weight = weight_orig * weight_mask
+            h(m, None)
+
+    return _median_seconds(step, device, repeats)
+
+
+def bench_apex_asp_loop(device: torch.device, repeats: int) -> float:
+    """(d) apex ASP style: per-parameter grad.mul_(mask), single-tensor SGD, p.mul_(mask)."""
+    model = _model(device)
+    masks = {m.weight: k.bool() for m, k in _keep_masks(model).items()}  # ASP keeps bool masks
+    opt = torch.optim.SGD(
+        _with_grads(model), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=False
+    )
+
+    @torch.no_grad()
+    def step() -> None:
+        for p, k in masks.items():
+            p.grad.mul_(k)
+        opt.step()
+        for p, k in masks.items():
+            p.mul_(k)
+
+    return _median_seconds(step, device, repeats)
+
+
+def bench_copy(device: torch.device, repeats: int, nbytes: int) -> float:
+    """Seconds for a device-to-device copy that moves nbytes (half read, half written)."""
+    src = torch.empty(nbytes // 8, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return _median_seconds(lambda: dst.copy_(src), device, repeats)
+
+
+def _device_name(device: torch.device) -> str:
+    """GPU or CPU model name for the results header."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def _version(package: str) -> str:
+    """Installed version of a package; triton is absent from CPU-only torch installs."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def main() -> None:
+    """Run every method on one device, print a markdown table, write it and JSON to --out."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    seconds, nbytes = bench_ours(device, args.repeats)
+    path = "Triton" if device.type == "cuda" else "foreach"
+    rows = {f"(a) kernels.masked_sgd_ ({path})": seconds}
+    for name, bench in [
+        ("(b) fused SGD + 2 _foreach_mul_ mask passes", bench_fused_sgd_two_passes),
+        ("(c) foreach SGD + prune hooks recompute", bench_prune_hooks),
+        ("(d) apex ASP per-parameter loop", bench_apex_asp_loop),
+    ]:
+        gc.collect()
+        rows[name] = bench(device, args.repeats)
+    copy_gbs = None
+    if device.type == "cuda":
+        copy_gbs = nbytes / bench_copy(device, args.repeats, nbytes) / 1e9
+
+    result = {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "repeats": args.repeats,
+        "sparsity": SPARSITY,
+        "bytes_per_step": nbytes,
+        "methods": {n: {"ms": s * 1e3, "GB/s": nbytes / s / 1e9} for n, s in rows.items()},
+        "copy_GB/s": copy_gbs,
+    }
+    lines = [
+        f"Masked SGD step, ResNet-50, {SPARSITY:.0%} sparse convs, {nbytes / 1e6:.0f} MB must move",
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, "
+        f"{result['date_utc']}, median of {args.repeats}",
+        "",
+        "| method | ms/step | effective GB/s |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {n} | {r['ms']:.3f} | {r['GB/s']:.1f} |" for n, r in result["methods"].items()]
+    if copy_gbs is not None:
+        ours = next(iter(result["methods"].values()))["GB/s"]
+        result["kernel_over_copy"] = ours / copy_gbs
+        lines += [
+            f"| device-to-device copy | | {copy_gbs:.1f} |",
+            "",
+            f"kernel / copy: {ours / copy_gbs:.1%} (target >= 85%)",
+        ]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"masked_sgd_{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
