@@ -22,14 +22,22 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def save(obj: dict, path: Path) -> None:
     """Write atomically: a temp file in the same folder, fsync, then rename over `path`.
     A crash at any moment leaves either the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # A full disk surfaces as OSError, or as torch's zip writer's RuntimeError.
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e):
+            raise
+        why = e.strerror if isinstance(e, OSError) else "write failed; is the disk full?"
+        raise UserError(
+            f"cannot write checkpoint {path} ({why}); the previous one is intact"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -40,6 +40,16 @@ class ModelConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    start: int = opt(0, "train image size up to from_epoch; 0 = progressive resizing off", min=0)
+    end: int = opt(0, "train image size from to_epoch on; 0 = data.image_size", min=0)
+    from_epoch: int = opt(0, "epoch (within a stage) where the size starts to ramp", min=0)
+    to_epoch: int = opt(
+        0, "epoch where the ramp ends; sizes in between are rounded to multiples of 32", min=0
+    )
+
+
+@dataclass
 class DataConfig:
     backend: str = opt("torch", "input pipeline", choices=("synthetic", "torch", "dali"))
     root: str = opt("", "ImageFolder root holding train/<class>/ and val/<class>/")
@@ -47,7 +57,18 @@ class DataConfig:
     val_batch_size: int = opt(0, "validation batch size per process; 0 = batch_size", min=0)
     image_size: int = opt(224, "train crop size and val center-crop size in pixels", min=8)
     val_resize: int = opt(0, "val resize of the shorter side; 0 = image_size * 256 / 224", min=0)
-    workers: int = opt(8, "DataLoader worker processes per process", min=0)
+    workers: int = opt(
+        8, "DataLoader worker processes (torch) or DALI CPU threads, per process", min=0
+    )
+    decode: str = opt(
+        "auto",
+        "torch backend JPEG decoding: cpu (PIL in the workers), gpu (workers read bytes, the "
+        "main process decodes, crops and normalises on the device), auto (gpu on CUDA)",
+        choices=("auto", "cpu", "gpu"),
+    )
+    dali_hw_decoder_load: float = opt(
+        0.65, "dali: share of each batch sent to the hardware JPEG decoder", min=0.0, max=1.0
+    )
     steps_per_epoch: int = opt(0, "cap an epoch at this many steps; 0 = the full dataset", min=0)
     augment: bool = opt(
         True, "train augmentation (random-resized-crop + flip); false = val transform"
@@ -56,6 +77,10 @@ class DataConfig:
         0.08, "random-resized-crop: smallest crop area as a fraction of the image", gt=0.0, max=1.0
     )
     generate_demo: bool = opt(False, "create the embedded demo dataset at root if it is missing")
+    progressive: ProgressiveConfig = opt(
+        ProgressiveConfig(),
+        "progressive resizing: train images grow from start to end px between two epochs",
+    )
 
 
 @dataclass
@@ -112,6 +137,9 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_epochs: int = opt(1, "write checkpoints/last.pt every N epochs", min=1)
+    every_steps: int = opt(
+        0, "also write last.pt every N steps within an epoch (0 = only at epoch ends)", min=0
+    )
 
 
 @dataclass
@@ -128,6 +156,15 @@ class RunConfig:
         "", "'' = fresh run, 'auto' = newest unfinished run of this recipe, or a path"
     )
     device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    max_skipped_steps: int = opt(
+        20,
+        "stop (saving last.pt) after this many steps in a row with a non-finite loss or "
+        "gradient; such steps are skipped and counted",
+        min=1,
+    )
+    deterministic: bool = opt(
+        False, "bitwise-repeatable runs: deterministic cuDNN/torch kernels on GPU (slower)"
+    )
     stop_after_epochs: int = opt(
         0,
         "stop after this many epochs of this process, leaving last.pt to resume; 0 = never",
@@ -559,6 +596,20 @@ def to_dict(recipe: Recipe) -> dict:
     """Plain data of a recipe, in the shape it is written (stages as one-key mappings)."""
     out = dataclasses.asdict(recipe)
     out["stages"] = [{s.kind: dataclasses.asdict(s)} for s in recipe.stages]
+    return out
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.0.c': value} for nested dicts and lists: to compare two recipes key by key."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and node and isinstance(node[0], dict):
+        items = enumerate(node)
+    else:
+        return {prefix: node}
+    out = {}
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 

@@ -41,6 +41,12 @@ class Dist:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of `t` over ranks, in place (so every rank takes the same decision)."""
+        if self.active:
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (run folder names, resume decisions)."""
         if not self.active:
@@ -60,6 +66,11 @@ class Dist:
         return bool(same.item())
 
 
+def restart_count() -> int:
+    """How often torchrun's elastic agent has restarted this worker group (0 on first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def init(device: str = "auto") -> Dist:
     """Join torchrun's process group if there is one; pick the device and backend.
 
@@ -77,14 +88,31 @@ def init(device: str = "auto") -> Dist:
     if world == 1:
         return Dist(0, 1, 0, dev, None)
     backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(minutes=30)
     tdist.init_process_group(
         backend=backend,
+        store=_store(world, timeout),
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(minutes=30),
+        timeout=timeout,
         device_id=dev if use_cuda else None,
     )
     return Dist(rank, world, local_rank, dev, backend)
+
+
+def _store(world: int, timeout: datetime.timedelta) -> tdist.Store:
+    """The rendezvous store, its keys scoped by elastic restart: after torchrun restarts a
+    worker group, the new group must not read the dead group's addresses (seen with gloo:
+    'connectFullMesh failed ... Connection refused' on every restart)."""
+    store = tdist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        and int(os.environ.get("RANK", "0")) == 0,
+        timeout=timeout,
+    )
+    return tdist.PrefixStore(f"/engine/attempt_{restart_count()}", store)
 
 
 def close(dist: Dist) -> None:

@@ -40,12 +40,18 @@ class MaskedSGD(torch.optim.SGD):
         super().__init__(params, **kwargs)
         self.masks = masks
         self.fused_masked = fused_masked
-        self._step_supports_amp_scaling = fused_masked  # GradScaler passes its tensors to step()
+        # GradScaler and step_unless hand grad_scale / found_inf over as attributes to the
+        # Triton path and to torch's fused SGD alike: no host read of found_inf.
+        self._step_supports_amp_scaling = fused_masked or bool(kwargs.get("fused"))
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale=None, found_inf=None):
+    def step(self, closure=None):
         if self.fused_masked:
-            return self._fused_step(grad_scale, found_inf)
+            # GradScaler (and step_unless) hand their device tensors over as attributes,
+            # as for torch's fused optimizers.
+            return self._fused_step(
+                getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            )
         grads, masks = [], []
         for group in self.param_groups:
             for p in group["params"]:
@@ -102,8 +108,24 @@ def build(
     if not masks:
         return torch.optim.SGD(groups, **kwargs)
     named = dict(model.named_parameters())
-    by_param = {named[name]: mask.to(named[name].device) for name, mask in masks.items()}
+    by_param = {  # each mask in its weight's memory format: the kernel reads both in one order
+        named[name]: torch.empty_like(named[name], dtype=torch.bool).copy_(mask)
+        for name, mask in masks.items()
+    }
     fused_masked = on_cuda and cfg.fused_masked
     if fused_masked:
         kwargs.update(fused=None, foreach=None)
     return MaskedSGD(groups, by_param, fused_masked, **kwargs)
+
+
+def step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Step unless `found_inf` is nonzero: on the device for optimizers that take the flag
+    (torch's fused SGD, MaskedSGD's Triton path), else by reading it (CPU tensors: no sync)."""
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        opt.grad_scale, opt.found_inf = None, found_inf
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+    elif not found_inf.item():  # host read: only reached with CPU tensors
+        opt.step()

@@ -6,6 +6,7 @@ Parse, build, run the stages, close. User errors end with one line and exit code
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from engine.logging import MetricsLog, environment, write_config, write_env
 from engine.models import build_model
 from engine.preemption import Interrupted, StopRequest
 from engine.stages import Context, run_all
+from engine.train import amp_dtype
 
 USAGE = "usage: python -m engine.run RECIPE.yaml [dotted.key=value ...]   (--help lists the keys)"
 
@@ -58,10 +60,11 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
         if not ckpt.is_file():
             raise UserError(f"recipe key 'run.resume': no checkpoint at {ckpt}")
         return ckpt.parent.parent, ckpt
+    auto = run.resume == "auto" or distributed.restart_count() > 0  # elastic restarts resume
     if run.dir:
         path = Path(run.dir)
         last = path / "checkpoints" / "last.pt"
-        if run.resume == "auto" and last.is_file():
+        if auto and last.is_file():
             return path, last
         if (path / "metrics.jsonl").exists():
             raise UserError(
@@ -69,7 +72,7 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
                 "continue it, or choose another folder"
             )
         return path, None
-    if run.resume == "auto":
+    if auto:
         found = checkpoint.find_resume(Path("runs"), recipe.name)
         if found is not None:
             return found, found / "checkpoints" / "last.pt"
@@ -96,9 +99,12 @@ def train(recipe: Recipe, dist: Dist) -> int:
             ) from None
         if resume is None:
             write_config(run_dir, config.to_dict(recipe))
-        write_env(run_dir, environment(dist.world_size, dist.device))
+    env = environment(dist.world_size, dist.device)
+    if dist.is_main:
+        write_env(run_dir, env)
     dist.barrier()
 
+    set_determinism(recipe.run.deterministic, dist.device)
     torch.manual_seed(recipe.seed)  # identical initial weights on every rank
     m = recipe.model
     model = build_model(m.arch, m.num_classes, m.zero_init_residual)
@@ -111,6 +117,7 @@ def train(recipe: Recipe, dist: Dist) -> int:
         seed=recipe.seed,
         num_classes=m.num_classes,
         channels_last=recipe.precision.channels_last,
+        dtype=amp_dtype(recipe.precision),
     )
     log = MetricsLog(
         run_dir, dist.is_main, recipe.log.tensorboard, resume["elapsed"] if resume else 0.0
@@ -118,6 +125,7 @@ def train(recipe: Recipe, dist: Dist) -> int:
     stop = StopRequest()
     stop.install()
     ctx = Context(recipe, dist, run_dir, log, model, arch, train_loader, val_loader, stop)
+    ctx.code_version = env["git_commit"]
     if resume is not None:
         restore(ctx, resume)
     results = run_all(ctx, resume)
@@ -129,8 +137,43 @@ def train(recipe: Recipe, dist: Dist) -> int:
     return 0
 
 
+def set_determinism(on: bool, device: torch.device) -> None:
+    """run.deterministic: deterministic kernels everywhere (cuDNN autotuning off, slower);
+    otherwise let cuDNN pick the fastest convolution algorithms for the fixed input shapes."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def check_changes(ctx: Context, ckpt: dict) -> None:
+    """Resuming with an edited recipe: refuse changes that would corrupt the run (the model,
+    or a stage already run or running: masks and schedules depend on them); list the rest."""
+    old, new = config.flatten(ckpt.get("config", {})), config.flatten(config.to_dict(ctx.recipe))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    done = ckpt["stage"]
+    fatal = [
+        k for k in changed
+        if k.startswith("model.") or (k.startswith("stages.") and int(k.split(".")[1]) <= done)
+    ]  # fmt: skip
+    if fatal:
+        k = fatal[0]
+        raise UserError(
+            f"recipe key '{k}': changed from {old.get(k)!r} to {new.get(k)!r} since the run "
+            f"began; resuming would corrupt it (start a new run instead)"
+        )
+    changed = [k for k in changed if not k.startswith("run.")]
+    if changed:
+        listed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        ctx.say(f"warning: the recipe changed since the run began: {listed}")
+
+
 def restore(ctx: Context, ckpt: dict) -> None:
     """Put a last.pt back: architecture, weights, masks, RNG; trim the metrics log to it."""
+    check_changes(ctx, ckpt)
     arch = ckpt.get("arch") or {}
     if arch.get("name") != ctx.arch["name"]:
         raise UserError(

@@ -12,7 +12,7 @@ import torch
 
 from engine import checkpoint, config, optim, prune, schedules
 from engine.config import LoadStage, PruneStage, Recipe, RetrainStage, TrainStage, to_dict
-from engine.data import epoch_seed
+from engine.data import EPOCH_KEY_STRIDE, epoch_seed
 from engine.distributed import Dist
 from engine.errors import UserError
 from engine.evaluate import evaluate
@@ -37,6 +37,7 @@ class Context:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)
     epochs_run: int = 0  # by this process, for run.stop_after_epochs
+    code_version: str | None = None  # git commit of the engine, recorded in checkpoints
 
     @property
     def show_progress(self) -> bool:
@@ -48,7 +49,7 @@ class Context:
 
     def epoch_key(self, stage: int, epoch: int) -> int:
         """The data-order key of an epoch: distinct per stage, identical on resume."""
-        return stage * 100_000 + epoch
+        return stage * EPOCH_KEY_STRIDE + epoch
 
     @property
     def lr(self) -> float:
@@ -103,6 +104,7 @@ class Context:
             "epoch": step / len(self.train_loader),
             "stage_done": done,
             "config": to_dict(self.recipe),
+            "code_version": self.code_version,
             "rng": checkpoint.rng_state(),
             "elapsed": self.log.elapsed(),
             "results": self.results,

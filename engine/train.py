@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from engine import optim
 from engine.config import PrecisionConfig
 from engine.evaluate import evaluate
 from engine.logging import progress
@@ -53,24 +54,54 @@ class StagePlan:
 
 
 def make_step(net, opt, scaler, label_smoothing: float, dtype: torch.dtype | None, device: str):
-    """One optimizer step; returns the loss as a device tensor (no sync)."""
+    """One optimizer step. Returns (loss, bad) as device tensors, no sync: `bad` is 1 when the
+    step was skipped for a non-finite loss or gradient (the weights and momentum untouched)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    found_inf = torch.zeros(1, device=device)
+    one = torch.ones(1, device=device)
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(net(images), labels, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            # fp16: the fused CUDA optimizer checks found_inf on the device; foreach/CPU
-            # optimizers make GradScaler read it on the host (one sync per step).
+        bad = ~torch.isfinite(loss.detach())
+        if scaler is not None:
+            # fp16: GradScaler skips overflowing steps by itself (dynamic loss scaling; not
+            # counted as faults). Fused optimizers take its found_inf on the device; others
+            # make it read the flag on the host (a sync, on the CPU only).
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        return loss.detach()
+            return loss.detach(), bad.float()
+        loss.backward()
+        # bf16/fp32: one multi-tensor pass flags non-finite gradients on the device.
+        found_inf.zero_()
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+        optim.step_unless(opt, found_inf)
+        return loss.detach(), torch.maximum(found_inf[0], bad.float())
 
     return step
+
+
+class StatsGuard:
+    """BN running statistics as of the last sync point, put back when a step since then was
+    skipped: a skipped step must not leave its (possibly non-finite) batch statistics behind.
+    Costs one copy of the (small) buffers per log interval, none per step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.buffers = list(model.buffers())
+        self.saved = [b.clone() for b in self.buffers]
+        self.skipped = 0
+
+    def sync(self, skipped: int) -> None:
+        if not self.buffers:
+            return
+        if skipped > self.skipped:
+            torch._foreach_copy_(self.buffers, self.saved)
+            self.skipped = skipped
+        else:
+            torch._foreach_copy_(self.saved, self.buffers)
 
 
 def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
@@ -94,7 +125,10 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
     every = r.log.every_steps
     global_batch = r.data.batch_size * dist.world_size
     result: dict = {}
-    loss_sum = torch.zeros((), device=dist.device)
+    # Device-side counters, read on log steps: loss sum and steps of the window, steps skipped
+    # for non-finite values (in all, and in a row).
+    window = torch.zeros(4, device=dist.device)  # loss sum, good steps, skipped, skipped in a row
+    guard = StatsGuard(model)
 
     if step == 0 and 0 in plan.rewind_epochs:
         ctx.save_rewind(0)
@@ -104,7 +138,7 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
         loader.set_epoch(ctx.epoch_key(plan.index, epoch))
         desc = f"stage {plan.index} epoch {epoch + 1}/{epochs}"
         bar = progress(spe, desc, ctx.show_progress, skip)
-        loss_sum.zero_()  # a log window never spans an epoch end (eval and saving lie there)
+        window[:2].zero_()  # a log window never spans an epoch end (eval and saving lie there)
         last_step, last_time = step, time.perf_counter()
         epoch_time, epoch_steps = time.perf_counter(), 0
         for i, (images, labels) in enumerate(loader):
@@ -117,26 +151,44 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
                 group["lr"] = lr
                 if plan.momentum is not None:
                     group["momentum"] = plan.momentum(step)
-            loss_sum += train_step(images, labels)
+            loss, bad = train_step(images, labels)
+            window += torch.stack([torch.where(bad > 0, 0.0, loss.float()), 1 - bad, bad, bad])
+            window[3] *= bad  # the run of skipped steps ends at a good step
             step += 1
             epoch_steps += 1
             bar.update()
             if step % every == 0:
                 n = step - last_step
-                stats = dist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(n)]))
-                loss = stats[0].item() / stats[1].item()  # host sync: once per log interval
+                sums = dist.all_reduce_sum(window[:2].clone())  # loss, good steps: all ranks
+                worst = dist.all_reduce_max(window[2:].clone())  # skips agree across ranks
+                # host sync: once per log interval
+                (loss_sum, good), (skipped, streak) = sums.tolist(), worst.tolist()
+                guard.sync(int(skipped))
+                loss = loss_sum / good if good else None  # every step of the window skipped
                 now = time.perf_counter()
                 img_s = n * global_batch / (now - last_time)
                 ctx.log.write(
-                    "train", plan.index, step / spe, step, lr=lr, loss=loss, img_per_s=img_s
-                )
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{img_s:.0f}")
-                loss_sum.zero_()
+                    "train", plan.index, step / spe, step, lr=lr, loss=loss, img_per_s=img_s,
+                    skipped=int(skipped), bad_files=getattr(loader, "bad_files", 0),
+                )  # fmt: skip
+                bar.set_postfix(loss=loss, lr=f"{lr:.4g}", img_s=f"{img_s:.0f}")
+                window[:2].zero_()
                 last_step, last_time = step, now
+                if streak >= r.run.max_skipped_steps:
+                    ctx.save_last(plan.index, step, opt, scaler)
+                    raise Interrupted(
+                        f"stopped: {int(streak)} steps in a row had a non-finite loss or "
+                        f"gradient and were skipped (run.max_skipped_steps); last.pt holds the "
+                        f"last good weights (step {step}, nothing was applied since)",
+                        3,
+                    )
+            if r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0 and step % spe:
+                ctx.save_last(plan.index, step, opt, scaler)  # epoch ends save below
             if ctx.stop_requested(sync_point=step % every == 0):
                 ctx.save_last(plan.index, step, opt, scaler)
                 raise Interrupted(ctx.stop_message(step), 128 + ctx.stop.signal)
         bar.close()
+        guard.sync(int(window[2].item()))  # host sync: once per epoch, before eval and saving
         if epoch_steps:
             if dist.device.type == "cuda":
                 torch.cuda.synchronize()  # host sync: once per epoch, for an honest img/s

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from engine.config import DataConfig
-from engine.data import build_loaders, demo
-from engine.data.folder import MEAN, STD
+import engine.data
+from engine import config as recipe
+from engine.config import DataConfig, ProgressiveConfig
+from engine.data import build_loaders, demo, train_image_size
+from engine.data.folder import MEAN, STD, FolderTrainLoader, FolderValLoader
 from engine.distributed import Dist
 from engine.errors import UserError
 
@@ -28,11 +30,18 @@ def config(root: Path, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def loaders(root: Path, *, rank=0, world=1, seed=0, num_classes=10, channels_last=False, **kw):
+def loaders(
+    root: Path, *, rank=0, world=1, seed=0, num_classes=10, channels_last=False, dtype=None, **kw
+):
     cfg = config(root, **kw)
     dist = fake(rank, world)
     return build_loaders(
-        cfg, dist=dist, seed=seed, num_classes=num_classes, channels_last=channels_last
+        cfg,
+        dist=dist,
+        seed=seed,
+        num_classes=num_classes,
+        channels_last=channels_last,
+        dtype=dtype,
     )
 
 
@@ -241,6 +250,85 @@ def test_generate_demo_on_rank_0_only(tmp_path, monkeypatch):
         loaders(tmp_path / "busy", generate_demo=True)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_decode_path_matches_the_cpu_path(demo_root, workers):
+    """decode=gpu, run on the CPU here: the same samples, crops and flips as decode=cpu, up to
+    the resize arithmetic (float here, PIL's uint8 there) and the JPEG decoder."""
+    kw = dict(seed=4, workers=workers, channels_last=True, val_batch_size=5)
+    cpu_train, cpu_val = loaders(demo_root, decode="cpu", **kw)
+    gpu_train, gpu_val = loaders(demo_root, decode="gpu", **kw)
+    assert gpu_train.dataset.on_device and not cpu_train.dataset.on_device
+    pairs = list(zip(epoch(cpu_train, 1), epoch(gpu_train, 1), strict=True))
+    pairs += list(zip(cpu_val, gpu_val, strict=True))
+    for (a, labels_a), (b, labels_b) in pairs:
+        assert torch.equal(labels_a, labels_b) and b.dtype == torch.float32
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        assert (a - b).abs().mean() < 0.03  # vs about 1 between different images
+        assert (a - b).abs().mean() < 0.05 * (a - a.flip(0)).abs().mean()
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_output_dtype(demo_root, decode):
+    train, val = loaders(demo_root, decode=decode, dtype=torch.bfloat16, channels_last=True)
+    for images, _ in [epoch(train, 0)[0], next(iter(val))]:
+        assert images.dtype == torch.bfloat16
+        assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_unreadable_files_are_replaced_and_counted(copy, decode, capsys):
+    files = sorted((copy / "train").rglob("*.JPEG"))
+    data = files[5].read_bytes()
+    files[5].write_bytes(data[: len(data) // 2])  # truncated
+    files[20].write_text("not an image\n")
+    sos = data.find(b"\xff\xda") + 2  # a broken scan header, intact end: nvJPEG must refuse it
+    files[30].write_bytes(data[:sos] + b"\x00\x01\x02" + data[sos + 3 :])
+    sorted((copy / "val").rglob("*.JPEG"))[4].write_bytes(b"")
+    train, val = loaders(copy, decode=decode, seed=2, workers=2)
+    first = epoch(train, 0)
+    assert len(first) == len(train) == 12 and all(len(y) == 4 for _, y in first)
+    assert train.bad_files == 3
+    again = epoch(train, 0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    assert sum(len(y) for _, y in val) == val.num_samples == 12 and val.bad_files == 1
+    err = capsys.readouterr().err
+    assert all(f"unreadable file replaced by the next one: {files[i]}" in err for i in (5, 20, 30))
+
+
+def test_train_image_size():
+    cfg = DataConfig(image_size=224)
+    assert train_image_size(cfg, 7) == 224  # off
+    cfg.progressive = ProgressiveConfig(start=160, end=192, from_epoch=0, to_epoch=13)
+    sizes = [train_image_size(cfg, e) for e in range(16)]
+    assert sizes == [160] * 7 + [192] * 9  # 174.8 -> 160, 177.2 -> 192 (nearest multiple of 32)
+    assert train_image_size(cfg, 100_000 + 0) == 160  # stage 1, epoch 0
+    cfg.progressive = ProgressiveConfig(start=128, end=0, from_epoch=2, to_epoch=6)
+    assert [train_image_size(cfg, e) for e in range(8)] == [128, 128, 128, 160, 192, 192, 224, 224]
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_progressive_resizing(demo_root, decode):
+    progressive = ProgressiveConfig(start=16, end=32, from_epoch=1, to_epoch=3)
+    train, val = loaders(demo_root, decode=decode, image_size=32, progressive=progressive)
+    sizes = [epoch(train, e)[0][0].shape[-1] for e in range(5)]
+    assert sizes == [16, 16, 32, 32, 32]
+    assert next(iter(val))[0].shape[-1] == 32  # val keeps image_size
+
+
+def test_progressive_recipe_keys(demo_root):
+    raw = {
+        "data": {
+            "root": str(demo_root),
+            "progressive": {"start": 160, "end": 192, "from_epoch": 0, "to_epoch": 13},
+        },
+        "stages": [{"train": {}}],
+    }
+    assert recipe.from_raw(raw).data.progressive == ProgressiveConfig(160, 192, 0, 13)
+    raw["data"]["progressive"]["ends"] = 1
+    with pytest.raises(UserError, match="'data.progressive.ends' \\(did you mean 'end'"):
+        recipe.from_raw(raw)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 
@@ -285,9 +373,23 @@ def test_batch_larger_than_shard(demo_root):
         loaders(demo_root, batch_size=25, world=2)
 
 
-def test_dali_not_available(demo_root):
-    with pytest.raises(UserError, match="dali backend is not available yet"):
-        loaders(demo_root, backend="dali")
+def test_dali_missing_falls_back_to_torch(demo_root, monkeypatch, capsys):
+    monkeypatch.setattr(engine.data, "dali_installed", lambda: False)
+    engine.data.say_once.cache_clear()
+    for _ in range(2):
+        train, val = loaders(demo_root, backend="dali")
+        assert isinstance(train, FolderTrainLoader) and isinstance(val, FolderValLoader)
+    err = capsys.readouterr().err
+    assert err.count("DALI is not installed") == 1  # said once
+    assert "using the torch backend with CPU JPEG decoding" in err
+
+
+def test_impossible_sizes(demo_root):
+    bad = ProgressiveConfig(start=16, end=24, from_epoch=3, to_epoch=2)
+    with pytest.raises(UserError, match="'data.progressive.to_epoch': 2 is before from_epoch"):
+        loaders(demo_root, progressive=bad)
+    with pytest.raises(UserError, match="'data.val_resize': 20 is below data.image_size"):
+        loaders(demo_root, val_resize=20)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,3 +416,51 @@ def test_synthetic(channels_last):
         build_loaders(
             DataConfig(backend="synthetic"), dist=fake(), seed=0, num_classes=5, channels_last=False
         )
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (pytest -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_cuda_batches_match_the_cpu_device(demo_root, decode):
+    """On CUDA, prefetched on a side stream (and decoded by nvJPEG for decode=gpu): the CPU
+    device's batches, up to the JPEG decoder and the resize arithmetic."""
+    cuda = Dist(0, 1, 0, torch.device("cuda", 0), None)
+    cfg = config(demo_root, decode=decode, workers=2, val_batch_size=5)
+    kw = dict(seed=4, num_classes=10, channels_last=True)
+    train, val = build_loaders(cfg, dist=cuda, dtype=torch.bfloat16, **kw)
+    assert train.dataset.on_device == (decode == "gpu")
+    ref_cfg = config(demo_root, decode="cpu", workers=2, val_batch_size=5)
+    ref_train, ref_val = build_loaders(ref_cfg, dist=fake(), **kw)
+    got = epoch(train, 1) + list(val)
+    ref = epoch(ref_train, 1) + list(ref_val)
+    assert len(got) == len(ref)
+    for (a, labels_a), (b, labels_b) in zip(ref, got, strict=True):
+        assert b.device.type == labels_b.device.type == "cuda" and b.dtype == torch.bfloat16
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(labels_a, labels_b.cpu())
+        assert (a - b.float().cpu()).abs().mean() < 0.04  # bf16 rounding adds about 0.01
+
+
+@pytest.mark.gpu
+def test_prefetch_hands_batches_over_safely():
+    """The step may read a prefetched batch long after the side stream moved on: it must see
+    the batch's own values (wait_event), and the memory must not be reused early
+    (record_stream) while the consumer has dropped its reference."""
+    from engine.data import prefetch
+
+    device = torch.device("cuda", 0)
+    hosts = [torch.full((1 << 20,), float(i)).pin_memory() for i in range(12)]
+
+    def prepare(host):
+        x = host.to(device, non_blocking=True) * 2
+        return x, x[:1]
+
+    results = []
+    for x, _ in prefetch.to_device(hosts, prepare, device):
+        torch.cuda._sleep(5_000_000)  # the default stream lags far behind the side stream
+        results.append((x * 3).sum())  # queued after the sleep; x itself is dropped now
+    torch.cuda.synchronize()
+    assert [r.item() for r in results] == [6.0 * i * (1 << 20) for i in range(12)]

@@ -1,0 +1,379 @@
+"""The `torch` backend: ImageFolder + DataLoader, decoding on the CPU or on the GPU.
+
+The work is split in two halves:
+- host (DataLoader workers): with `data.decode: cpu`, `host_transform` decodes with PIL, crops
+  and flips, and returns HWC uint8, so a batch crosses to the device at a quarter of float32's
+  size; with `gpu`, the workers only read the file bytes and draw the crop (gpu_decode.py);
+- device (main process, prefetched on a side stream on CUDA, prefetch.py): the copy, and for
+  `gpu` nvJPEG decoding, crop and resize; then uint8 -> float, ImageNet normalisation, the
+  autocast dtype and the memory format (NHWC is free: it is the host layout).
+
+An unreadable file (truncated, not an image) never stops an epoch: it is replaced by the next
+readable file in ImageFolder order, with that file's label, and counted in `bad_files`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data.dataloader import default_collate
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from engine.config import DataConfig
+from engine.data import epoch_seed, prefetch, say_once, train_image_size, val_resize
+from engine.data import gpu_decode as gd
+from engine.data.images import load_rgb
+from engine.distributed import Dist
+from engine.errors import UserError
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def build(
+    cfg: DataConfig,
+    *,
+    dist: Dist,
+    seed: int,
+    num_classes: int,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[FolderTrainLoader, FolderValLoader]:
+    """Check the folders, then build this rank's train and val loaders."""
+    root = Path(cfg.root)
+    check_root(root, num_classes)
+    on_device = device_decoding(cfg.decode, dist.device)
+    batcher = DeviceBatcher(dist.device, channels_last, dtype)
+    train = Images(root / "train", cfg, train=cfg.augment, on_device=on_device)
+    val = Images(root / "val", cfg, train=False, on_device=on_device)
+    return (
+        FolderTrainLoader(train, cfg, dist, seed, batcher),
+        FolderValLoader(val, cfg, dist, batcher),
+    )
+
+
+def device_decoding(choice: str, device: torch.device) -> bool:
+    """Whether `data.decode` (auto, cpu, gpu) sends JPEG decoding to the device. `gpu` on a CPU
+    device runs the same code on the CPU (the tests use it)."""
+    if choice == "cpu" or (choice == "auto" and device.type != "cuda"):
+        return False
+    if gd.nvjpeg_works(device):
+        return True
+    if choice == "gpu":
+        raise UserError(
+            f"recipe key 'data.decode': this torchvision cannot decode JPEGs on {device} "
+            "(built without nvJPEG); use cpu or auto"
+        )
+    say_once(f"data.decode=auto: torchvision cannot decode JPEGs on {device}; decoding on CPU")
+    return False
+
+
+def check_root(root: Path, num_classes: int) -> list[str]:
+    """The class names of `root/train` after checking both splits; UserError if unusable."""
+    found = {}
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"recipe key 'data.root': folder not found: {folder}")
+        found[split] = sorted(e.name for e in folder.iterdir() if e.is_dir())  # = ImageFolder's
+        if not found[split]:
+            raise UserError(f"recipe key 'data.root': no class folders in {folder}")
+    train, val = set(found["train"]), set(found["val"])
+    if train != val:
+        parts = [
+            f"missing in {s}: {_names(a - b)}"
+            for s, a, b in (("val", train, val), ("train", val, train))
+            if a - b
+        ]
+        raise UserError(
+            f"recipe key 'data.root': train and val class sets differ ({'; '.join(parts)})"
+        )
+    if len(train) > num_classes:
+        raise UserError(
+            f"recipe key 'model.num_classes': {len(train)} classes in data "
+            f"but the model has {num_classes}"
+        )
+    return found["train"]
+
+
+def samples(folder: Path) -> list[tuple[str, int]]:
+    """(path, label) of every image under `folder`, in ImageFolder order (both backends)."""
+    with _user_error():
+        return ImageFolder(str(folder)).samples
+
+
+def host_transform(cfg: DataConfig, *, train: bool, size: int | None = None) -> Callable:
+    """PIL image -> cropped (and for training flipped) HWC uint8 tensor of `size` (default
+    data.image_size)."""
+    size = size or cfg.image_size
+    if train:
+        geometry = [
+            T.RandomResizedCrop(size, scale=(cfg.min_crop_scale, 1.0), ratio=gd.RATIO),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [T.Resize(val_resize(cfg)), T.CenterCrop(size)]
+    return T.Compose([*geometry, to_hwc_uint8])
+
+
+def to_hwc_uint8(image) -> torch.Tensor:
+    """PIL RGB image -> HWC uint8 tensor (a module-level function: workers pickle it)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+
+class Images(ImageFolder):
+    """ImageFolder whose items survive bad files and carry what the device half needs.
+
+    Items: `(hwc_uint8, label, bad)` when decoding on the CPU; `(data, plan, flip, label, bad,
+    index)` when decoding on the device (gpu_decode.py). `bad` is the index of the unreadable
+    file this item replaces, or -1.
+    """
+
+    def __init__(self, folder: Path, cfg: DataConfig, *, train: bool, on_device: bool) -> None:
+        with _user_error():
+            super().__init__(str(folder))
+        self.cfg, self.train, self.on_device = cfg, train, on_device
+        self.read: Callable = gd.read_encoded if on_device else load_rgb
+        self.set_size(cfg.image_size)
+
+    def set_size(self, size: int) -> None:
+        """Output size of the host transform (the device half resizes in the gpu mode)."""
+        if self.on_device:
+            resize = val_resize(self.cfg)
+            self.transform = gd.CropParams(
+                train=self.train, size=size, resize=resize, min_scale=self.cfg.min_crop_scale
+            )
+        else:
+            self.transform = host_transform(self.cfg, train=self.train, size=size)
+
+    def collate(self, items: list[tuple]) -> tuple:
+        """Items -> a batch (the device-decoding items keep their own sizes)."""
+        return gd.collate(items) if self.on_device else default_collate(items)
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.item(index, self.read)
+
+    def item(self, index: int, read: Callable) -> tuple:
+        """The item of `index`, or of the next readable file if `read` cannot read it."""
+        n = len(self.samples)
+        for offset in range(n):
+            path, label = self.samples[(index + offset) % n]
+            try:
+                image = read(path)
+            except Exception:  # decoders raise many types on bad data; all mean "unreadable"
+                continue
+            bad = index if offset else -1
+            if self.on_device:
+                return (*self.transform(image), label, bad, index)
+            return self.transform(image), label, bad
+        raise RuntimeError(f"no readable image in {self.root}")
+
+    def redo_on_cpu(self, index: int) -> tuple:
+        """The item of `index` decoded by PIL, its crop drawn from an RNG seeded by `index`:
+        for an image that nvJPEG refused in the main process."""
+        state = torch.Generator().manual_seed(index).get_state()
+        with _SwappedRng(state):
+            return self.item(index, functools.partial(gd.read_encoded, on_cpu=True))
+
+
+class DeviceBatcher:
+    """Host HWC uint8 batch -> normalised NCHW batch on the device, in the autocast dtype."""
+
+    def __init__(
+        self, device: torch.device, channels_last: bool, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Made once: building them per batch would be a blocking host->device copy.
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch: tuple, size: int) -> Batch:
+        """(images, labels, bad) -> (images, labels) on the device; `size` is unused (the
+        workers made the images at their size)."""
+        images, labels, _ = batch
+        # non_blocking: no host sync (the DataLoader pinned the host tensors on CUDA).
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view, NHWC strides
+        if not self.channels_last:
+            x = x.contiguous()  # on uint8: 4x cheaper than on float
+        return self.normalise(x), labels.to(self.device, non_blocking=True)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW in [0, 255] (uint8, or float32 which is overwritten) -> normalised, in dtype."""
+        x = x.float().sub_(self.mean).div_(self.std)  # .float() keeps the memory format
+        return x.to(self.dtype)  # no copy for float32
+
+
+class _Loader:
+    """What the train and val loaders share: the device half and the bad-file count."""
+
+    def __init__(self, dataset: Images, batcher: DeviceBatcher) -> None:
+        self.dataset, self.device = dataset, batcher.device
+        self.bad: set[int] = set()
+        self.prepare: Callable[[tuple, int], Batch] = (
+            gd.DeviceDecoder(batcher, dataset.redo_on_cpu, self._note_bad)
+            if dataset.on_device
+            else batcher
+        )
+
+    @property
+    def bad_files(self) -> int:
+        """Unreadable files this rank has met so far (each replaced by the next readable one)."""
+        return len(self.bad)
+
+    def _note_bad(self, index: int) -> None:
+        if index not in self.bad:
+            self.bad.add(index)
+            path = self.dataset.samples[index][0]
+            print(f"data: unreadable file replaced by the next one: {path}", file=sys.stderr)
+
+    def _device_batches(self, host: Iterator[tuple], size: int) -> Iterator[Batch]:
+        return prefetch.to_device(self._counted(host), lambda b: self.prepare(b, size), self.device)
+
+    def _counted(self, host: Iterator[tuple]) -> Iterator[tuple]:
+        for batch in host:
+            bad = batch[-2] if self.dataset.on_device else batch[-1]
+            for index in bad[bad >= 0].tolist():  # a CPU tensor: no sync
+                self._note_bad(index)
+            yield batch
+
+
+class FolderTrainLoader(_Loader):
+    """This rank's shuffled, augmented batches; call set_epoch(e) before each epoch.
+
+    Epoch e depends only on (seed, e, rank): the order comes from DistributedSampler(seed) with
+    set_epoch(e), and the augmentation random numbers from a generator seeded with
+    epoch_seed(seed, e, rank). With workers > 0 that generator is the DataLoader's, which seeds
+    each worker (workers are therefore not persistent: persistent ones would carry their RNG
+    over from the previous epoch). With workers == 0 the transforms run in this process and
+    draw from the global torch RNG, so each batch is fetched with this loader's own RNG state
+    swapped in: batches are reproducible and the caller's RNG stream is left untouched.
+    The train image size of epoch e is `train_image_size(cfg, e)` (progressive resizing).
+    """
+
+    def __init__(
+        self, dataset: Images, cfg: DataConfig, dist: Dist, seed: int, batcher: DeviceBatcher
+    ) -> None:
+        super().__init__(dataset, batcher)
+        self.cfg, self.seed, self.rank = cfg, seed, dist.rank
+        self.sampler = DistributedSampler(
+            dataset,
+            num_replicas=dist.world_size,
+            rank=dist.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            collate_fn=dataset.collate,
+            pin_memory=dist.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+            generator=torch.Generator(),
+        )
+        full = len(self.loader)
+        if full == 0:
+            raise UserError(
+                f"recipe key 'data.batch_size': {len(dataset)} train images make no full batch of "
+                f"{cfg.batch_size} per process x {dist.world_size} processes"
+            )
+        self.steps = min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
+        self.size = cfg.image_size
+        self._rng: torch.Tensor | None = None  # None: set_epoch not called for this epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the order, augmentation and image size of the next iteration to `epoch`'s."""
+        s = epoch_seed(self.seed, epoch, self.rank)
+        self.sampler.set_epoch(epoch)
+        self.loader.generator = torch.Generator().manual_seed(s)  # seeds the workers
+        self._rng = torch.Generator().manual_seed(s).get_state()  # workers == 0
+        self.size = train_image_size(self.cfg, epoch)
+        self.dataset.set_size(self.size)  # workers start per epoch: they pickle it anew
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._rng is None:
+            raise RuntimeError("FolderTrainLoader: call set_epoch(epoch) before each epoch")
+        state, self._rng = self._rng, None
+        it = iter(self.loader)  # starts the workers now
+        rng = _SwappedRng(state) if self.loader.num_workers == 0 else contextlib.nullcontext()
+        return self._device_batches(self._host_batches(it, rng), self.size)
+
+    def _host_batches(self, it: Iterator, rng: contextlib.AbstractContextManager) -> Iterator:
+        for _ in range(self.steps):
+            with rng:
+                batch = next(it)
+            yield batch
+
+
+class _SwappedRng:
+    """Context manager: run a block on a private CPU RNG state, then restore the global one."""
+
+    def __init__(self, state: torch.Tensor) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+
+    def __exit__(self, *exc) -> None:
+        self.state = torch.get_rng_state()
+        torch.set_rng_state(self.outer)
+
+
+class FolderValLoader(_Loader):
+    """This rank's share of the val set, every image on exactly one rank (no padding).
+
+    Ranks may yield different numbers of batches: reduce metrics only after the loop.
+    """
+
+    def __init__(
+        self, dataset: Images, cfg: DataConfig, dist: Dist, batcher: DeviceBatcher
+    ) -> None:
+        super().__init__(dataset, batcher)
+        self.size = cfg.image_size
+        self.num_samples = len(dataset)  # over all ranks
+        self.loader = DataLoader(
+            dataset,
+            batch_size=cfg.val_batch_size or cfg.batch_size,
+            sampler=range(dist.rank, len(dataset), dist.world_size),
+            num_workers=cfg.workers,
+            collate_fn=dataset.collate,
+            pin_memory=dist.device.type == "cuda",
+            generator=torch.Generator(),
+        )  # own generator: the workers' base seed is not drawn from the global RNG
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._device_batches(iter(self.loader), self.size)
+
+
+@contextlib.contextmanager
+def _user_error() -> Iterator[None]:
+    """ImageFolder's FileNotFoundError (e.g. a class folder without images) as a UserError."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise UserError(f"recipe key 'data.root': {e}") from None
+
+
+def _names(names: set[str], limit: int = 5) -> str:
+    shown = sorted(names)[:limit]
+    return ", ".join(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,198 @@
+"""GPU JPEG decoding for the torch backend (`data.decode: gpu`).
+
+DataLoader workers only read each file and plan its crop and flip, from the same random
+draws, in the same order, as the CPU path's RandomResizedCrop and RandomHorizontalFlip.
+The main process decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on the device),
+then crops, resizes, flips and normalises it there. `resized_crops` runs on CPU tensors too, so
+the tests check it against the CPU path. Files nvJPEG cannot take as they are (PNG, CMYK,
+EXIF-rotated, cut short) are decoded by PIL in the worker and travel as pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from engine.data.images import device_jpeg_size, load_rgb
+
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
+
+
+@dataclass
+class Encoded:
+    """One file as a worker sends it: JPEG bytes for the device (1-D uint8) or CHW uint8 pixels."""
+
+    data: torch.Tensor
+    height: int
+    width: int
+
+
+def read_encoded(path: str, *, on_cpu: bool = False) -> Encoded:
+    """Read `path` for device decoding; `on_cpu` (or a file nvJPEG cannot take) decodes it here.
+    Raises if the file cannot be read."""
+    raw = Path(path).read_bytes()
+    size = None
+    if not on_cpu:
+        try:
+            size = device_jpeg_size(raw)
+        except Exception:  # not a format PIL knows: load_rgb below decides
+            size = None
+    if size is not None:
+        return Encoded(torch.frombuffer(bytearray(raw), dtype=torch.uint8), *size)
+    pixels = torch.from_numpy(np.array(load_rgb(raw))).permute(2, 0, 1)  # CHW view of HWC
+    return Encoded(pixels, pixels.shape[1], pixels.shape[2])
+
+
+class CropParams:
+    """Encoded image -> (data, plan, flip). The plan (8 ints) says how to make the output:
+    crop (top, left, height, width) of the image, resize that to (height, width), then take the
+    size x size window at (top, left). Train draws the crop from the global RNG exactly as
+    T.RandomResizedCrop + T.RandomHorizontalFlip do (and resizes it to size x size); val
+    resizes the shorter side to `resize` and takes the center, as T.Resize + T.CenterCrop."""
+
+    def __init__(self, *, train: bool, size: int, resize: int, min_scale: float) -> None:
+        self.train, self.size, self.resize, self.min_scale = train, size, resize, min_scale
+
+    def __call__(self, image: Encoded) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        h, w, s = image.height, image.width, self.size
+        if self.train:
+            dims = torch.empty(0, h, w)  # get_params only reads the size
+            box = T.RandomResizedCrop.get_params(dims, (self.min_scale, 1.0), RATIO)
+            plan, flip = (*box, s, s, 0, 0), bool(torch.rand(1) < 0.5)
+        else:
+            rh, rw = _resized(h, w, self.resize)
+            # CenterCrop's offsets (Python's round, as torchvision)
+            plan, flip = (0, 0, h, w, rh, rw, round((rh - s) / 2), round((rw - s) / 2)), False
+        return image.data, torch.tensor(plan), flip
+
+
+def _resized(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """T.Resize(shorter)'s output size: the shorter side to `shorter`, the longer truncated."""
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
+
+
+def resized_crops(
+    images: list[torch.Tensor],
+    plans: torch.Tensor,
+    flips: torch.Tensor,
+    size: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """Each CHW uint8 image cropped, resized (bilinear, antialiased: what PIL does for the CPU
+    path) and cut to size x size as its plan says (CropParams), mirrored where asked: a float32
+    batch in [0, 255] on the images' device. `plans` (B, 8) and `flips` (B,) are CPU tensors,
+    so reading them is no sync."""
+    out = torch.empty(
+        (len(images), 3, size, size), device=images[0].device, memory_format=memory_format
+    )
+    for i, (image, plan, flip) in enumerate(
+        zip(images, plans.tolist(), flips.tolist(), strict=True)
+    ):
+        top, left, h, w, rh, rw, y, x = plan
+        crop = image[None, :, top : top + h, left : left + w].float()
+        resized = F.interpolate(crop, size=(rh, rw), mode="bilinear", antialias=True)
+        window = resized[0, :, y : y + size, x : x + size]
+        out[i] = window.flip(-1) if flip else window
+    return out
+
+
+def decode_on_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG byte tensors (on the CPU) into CHW uint8 RGB on `device`, as one nvJPEG batch
+    on CUDA; None for each image it cannot decode."""
+    if device.type == "cuda":
+        # Host sync with the current (side) stream only, usually idle by now: nvJPEG writes
+        # from its own stream into memory allocated on this one, without waiting for the
+        # kernels queued here, so none may be pending (pytorch/vision#9606).
+        torch.cuda.current_stream(device).synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io points to TorchCodec
+        try:
+            # Blocks the host while nvJPEG parses and decodes (torchvision synchronizes its
+            # decoder's own stream); the current stream then waits for the result on the device.
+            return list(decode_jpeg(images, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad image fails the batch: find it
+            return [_decode_one(image, device) for image in images]
+
+
+def _decode_one(image: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(image, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+@functools.cache
+def nvjpeg_works(device: torch.device) -> bool:
+    """Whether this torchvision decodes JPEGs on `device` (built with nvJPEG for CUDA)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="JPEG")
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError):
+            return False
+    return True
+
+
+class DeviceDecoder:
+    """Encoded host batch -> normalised batch on the device: decode, crop, resize, flip and
+    normalise there. An image nvJPEG refuses is decoded by PIL here instead, or, when it cannot
+    be read at all, replaced like in the workers (`redo(index)` gives the whole item again) and
+    reported through `note_bad(index)`."""
+
+    def __init__(
+        self,
+        batcher,
+        redo: Callable[[int], tuple],
+        note_bad: Callable[[int], None],
+    ) -> None:
+        self.batcher, self.redo, self.note_bad = batcher, redo, note_bad
+
+    def __call__(self, batch: tuple, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data, plans, flips, labels, _, index = batch
+        device = self.batcher.device
+        images: list[torch.Tensor | None] = list(data)
+        jpeg = [i for i, x in enumerate(data) if x.dim() == 1]
+        if jpeg:
+            for i, x in zip(jpeg, decode_on_device([data[i] for i in jpeg], device), strict=True):
+                images[i] = x
+        for i, x in enumerate(images):
+            if x is None:  # rare: re-read on the CPU, with the crop drawn anew
+                pixels, plan, flip, label, bad, _ = self.redo(int(index[i]))
+                x, plans[i], flips[i], labels[i] = pixels, plan, flip, label
+                if bad >= 0:
+                    self.note_bad(bad)
+            # non_blocking: pixels decoded in a worker come pinned on CUDA (a rare re-read
+            # here is not pinned: that copy blocks the host)
+            images[i] = x.to(device, non_blocking=True)
+        x = resized_crops(images, plans, flips, size, self.batcher.memory_format)
+        return self.batcher.normalise(x), labels.to(device, non_blocking=True)
+
+
+def collate(items: list[tuple]) -> tuple:
+    """Encoded items -> (data list, plans (B, 8), flips (B,), labels, bad, index): the data keep
+    their own sizes (a module-level function: workers pickle it)."""
+    data, plans, flips, labels, bad, index = zip(*items, strict=True)
+    return (
+        list(data),
+        torch.stack(plans),
+        torch.tensor(flips),
+        torch.tensor(labels),
+        torch.tensor(bad),
+        torch.tensor(index),
+    )
