@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # users elsewhere can install the package into an environment with their own torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 .venv/ready: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -22,6 +22,9 @@ test: .venv/ready lint
 lint: .venv/ready
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+bench: .venv/ready
+	$(PY) benchmarks/throughput.py --quick
 
 clean:
 	rm -rf .venv runs data

@@ -4,12 +4,10 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch.nn.utils import prune
 # This script shares its name with the package it measures: search the repo root, not benchmarks/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import kernels  # noqa: E402
+from benchmarks.common import device_name, version  # noqa: E402
 
 SPARSITY = 0.8  # unstructured, random, on every conv weight
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -166,26 +165,6 @@ def bench_copy(device: torch.device, repeats: int, nbytes: int) -> float:
     return _median_seconds(lambda: dst.copy_(src), device, repeats)
 
 
-def _device_name(device: torch.device) -> str:
-    """GPU or CPU model name for the results header."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
-def _version(package: str) -> str:
-    """Installed version of a package; triton is absent from CPU-only torch installs."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main() -> None:
     """Run every method on one device, print a markdown table, write it and JSON to --out."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -211,9 +190,9 @@ def main() -> None:
         copy_gbs = nbytes / bench_copy(device, args.repeats, nbytes) / 1e9
 
     result = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": version("triton"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "repeats": args.repeats,
         "sparsity": SPARSITY,

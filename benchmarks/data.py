@@ -1,0 +1,192 @@
+"""Images/s of each input pipeline alone (no model), train and val, on the same files and
+thread count: the torch backend (DataLoader, decoding on the CPU, and on CUDA also on the GPU)
+and DALI (CPU-only without CUDA, `mixed` with it), on full-size files and on a copy prepared at
+--max-side px (engine.data.prepare).
+
+    python benchmarks/data.py --make 2000              # generate 500x375 JPEGs (ImageNet's median)
+    python benchmarks/data.py --root /data/imagenet    # or measure a real ImageFolder root
+
+Writes data_<device>.json and .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
+from benchmarks.common import device_name, version  # noqa: E402
+from engine.config import DataConfig  # noqa: E402
+from engine.data import build_loaders, dali_installed, prepare  # noqa: E402
+from engine.distributed import Dist  # noqa: E402
+
+CLASSES = 10
+
+
+def make_dataset(root: Path, n: int, width: int = 500, height: int = 375) -> Path:
+    """n photo-like JPEGs (smooth shapes plus grain, quality 90) in train/<class>/; val/ holds
+    hard links to the same files, so both splits read the same bytes."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / f"c{i % CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.int16)
+        grain = rng.integers(-12, 13, smooth.shape, dtype=np.int16)
+        pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.JPEG", quality=90)
+    for f in (root / "train").rglob("*.JPEG"):
+        link = root / "val" / f.relative_to(root / "train")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, link)
+    return root
+
+
+def images_per_second(loader, batches: int, device: torch.device, train: bool) -> float:
+    """Steady-state rate: the clock starts when the first batch arrives (after worker start-up
+    and pipeline building) and stops when `batches` more have arrived on the device."""
+    if train:
+        loader.set_epoch(0)
+    it = iter(loader)
+    images, _ = next(it)
+    count, start = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            images, _ = next(it)
+        except StopIteration:
+            break
+        count += images.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: the last batch is ready, not just queued
+    return count / (time.perf_counter() - start)
+
+
+def measure(root: Path, backend: str, decode: str, args, device: torch.device) -> dict:
+    cfg = DataConfig(
+        backend=backend,
+        root=str(root),
+        decode=decode,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        workers=args.threads,
+    )
+    dist = Dist(0, 1, 0, device, None)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    train, val = build_loaders(
+        cfg, dist=dist, seed=0, num_classes=CLASSES, channels_last=True, dtype=dtype
+    )
+    batches = min(len(train), len(val)) - 1
+    return {
+        "train": images_per_second(train, batches, device, train=True),
+        "val": images_per_second(val, batches, device, train=False),
+    }
+
+
+def pipelines(device: torch.device) -> list[tuple[str, str, str]]:
+    """(name, backend, decode) of every pipeline that runs on this device."""
+    rows = [("torch DataLoader, PIL decode", "torch", "cpu")]
+    if device.type == "cuda":
+        rows.append(("torch, nvJPEG decode in the main process", "torch", "gpu"))
+    if dali_installed():
+        kind = "mixed (GPU)" if device.type == "cuda" else "CPU-only"
+        rows.append((f"DALI {kind}", "dali", "auto"))
+    return rows
+
+
+def _dali_version() -> str | None:
+    return version("nvidia-dali-cuda130") or version("nvidia-dali-cuda120")
+
+
+def _files(root: Path) -> dict:
+    sizes = [f.stat().st_size for f in (root / "train").rglob("*") if f.is_file()]
+    first = next(f for f in (root / "train").rglob("*") if f.is_file())
+    with Image.open(first) as im:
+        width, height = im.size
+    return {"files": len(sizes), "mean_kB": sum(sizes) / len(sizes) / 1e3, "size": [width, height]}
+
+
+def main() -> None:
+    """Measure every pipeline on full-size and prepared files; print and write the table."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, help="ImageFolder root with train/ and val/")
+    p.add_argument("--make", type=int, default=1000, help="without --root: generate N JPEGs")
+    p.add_argument("--max-side", type=int, default=256, help="prepared copy; 0 = skip it")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        roots = {"full size": args.root or make_dataset(Path(tmp) / "full", args.make)}
+        prep_seconds = None
+        if args.max_side:
+            start = time.perf_counter()
+            prepared = Path(tmp) / f"{args.max_side}px"
+            prepare.prepare(
+                roots["full size"], prepared, max_side=args.max_side, workers=args.threads
+            )
+            prep_seconds = time.perf_counter() - start
+            roots[f"prepared {args.max_side} px"] = prepared
+        files = {name: _files(root) for name, root in roots.items()}
+        rates = {
+            f"{name} | {data}": measure(root, backend, decode, args, device)
+            for name, backend, decode in pipelines(device)
+            for data, root in roots.items()
+        }
+
+    result = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "dali": _dali_version(),
+        "pillow": version("pillow"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "datasets": files,
+        "prepare_seconds": prep_seconds,
+        "images_per_s": rates,
+    }
+    lines = [
+        f"Input pipelines alone: images/s, batch {args.batch_size}, {args.image_size} px crops, "
+        f"{args.threads} threads/workers",
+        f"{result['device']} ({os.cpu_count()} CPUs), torch {result['torch']}, torchvision "
+        f"{result['torchvision']}, DALI {result['dali']}, {result['date_utc']}",
+        "",
+        "| pipeline | files | train img/s | val img/s |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {r['train']:.0f} | {r['val']:.0f} |" for name, r in rates.items()]
+    lines += ["", "| files | count | mean size | first image |", "|---|---:|---:|---|"]
+    lines += [
+        f"| {name} | {f['files']} | {f['mean_kB']:.1f} kB | {f['size'][0]}x{f['size'][1]} |"
+        for name, f in files.items()
+    ]
+    if prep_seconds is not None:
+        lines += ["", f"prepare ({args.threads} workers): {prep_seconds:.1f} s"]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"data_{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()

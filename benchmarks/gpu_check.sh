@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine with torch, torchvision and triton installed (no network, no
+# pip, no .venv): the GPU tests, the ResNet-50 throughput grid, the masked-SGD kernel benchmark
+# and the data-pipeline benchmark. Each part runs under `timeout` and the next one runs whatever
+# happened; the whole script stays under about 7 minutes. Results and the log go to $OUT when
+# set, else to benchmarks/results/<date>-<card>/; a summary of what passed ends the log.
+#
+#   bash benchmarks/gpu_check.sh
+#
+# Environment: PYTHON (default python3), THROUGHPUT_ARGS (more benchmarks/throughput.py flags).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+probe='import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())'
+if ! card=$("$PY" -c "$probe" 2>/dev/null); then
+  echo "gpu_check: $PY sees no CUDA device (or no torch); nothing run" >&2
+  exit 2
+fi
+slug=$(printf '%s' "$card" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-')
+RESULTS=${OUT:-benchmarks/results/$(date -u +%Y%m%d)-${slug%-}}
+mkdir -p "$RESULTS"
+LOG=$RESULTS/gpu_check.log
+: >"$LOG"
+
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import datetime, platform
+from importlib import metadata
+
+import torch
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+props = torch.cuda.get_device_properties(0)
+print(f"card: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+      f", torchvision {version('torchvision')}, triton {version('triton')}"
+      f", python {platform.python_version()}")
+print("date:", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+EOF
+
+SUMMARY=()
+FAILED=0
+
+part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the outcome
+  local name=$1 limit=$2 start=$SECONDS rc status
+  shift 2
+  printf '\n=== %s (limit %ss): %s\n' "$name" "$limit" "$*" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) status=PASS ;;
+    124 | 137) status=TIMEOUT ;;
+    *) status="FAIL (exit $rc)" ;;
+  esac
+  [[ $rc == 0 ]] || FAILED=1
+  SUMMARY+=("$(printf '%-11s %-15s %4ds' "$name" "$status" $((SECONDS - start)))")
+}
+
+# Budgets (seconds): 60 + 250 + 40 + 60, plus a few for the header. The throughput grid starts
+# no row after 195 s (a compiled ResNet-50 row takes about a minute) and writes its JSON and
+# table after every row, so a timeout keeps the rows already measured.
+part gpu-tests 60 "$PY" -m pytest -m gpu -q --tb=short -p no:cacheprovider
+# shellcheck disable=SC2086 # THROUGHPUT_ARGS is a list of flags
+part throughput 250 "$PY" benchmarks/throughput.py --budget-s 195 --out "$RESULTS/throughput" \
+  ${THROUGHPUT_ARGS:-}
+part kernels 40 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
+if [[ -f benchmarks/data.py ]]; then
+  part data 60 "$PY" benchmarks/data.py --out "$RESULTS"
+else
+  SUMMARY+=("$(printf '%-11s %-15s' data 'SKIPPED (absent)')")
+fi
+
+{
+  printf '\n=== summary: %s, results in %s\n' "$card" "$RESULTS"
+  printf '%s\n' "${SUMMARY[@]}"
+  for table in "$RESULTS"/{throughput,masked_sgd_cuda,data_cuda}.md; do
+    [[ -f $table ]] && printf '\n' && cat "$table"
+  done
+} | tee -a "$LOG"
+exit "$FAILED"

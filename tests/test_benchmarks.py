@@ -1,0 +1,108 @@
+"""The benchmark scripts on the CPU: a tiny throughput grid end to end, the baseline loop, the
+command line, the peak table, and the GPU check script's syntax."""
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import baseline, common, throughput
+from engine.config import DataConfig
+from engine.data import build_loaders
+from engine.distributed import Dist
+
+TINY = dict(
+    arch="resnet20", num_classes=10, batch_size=8, image_size=32, device="cpu", warmup=1,
+    repeats=2, steps=2, workers=0,
+)  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread, as --quick uses: two threads on a busy 2-core machine are 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
+    opts = throughput.Options(**TINY, jpeg_root=str(tmp_path / "jpeg"))
+    configs = [
+        throughput.Config("eager", "nchw", "off", "dense", "synthetic"),
+        throughput.Config("eager", "nhwc", "bf16", "masked", "jpeg"),
+    ]
+    stem = tmp_path / "out" / "tp"
+    report = throughput.run_grid(opts, configs, stem)
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["options"]["arch"] == "resnet20" and saved["meta"]["torch"] == torch.__version__
+    assert saved["meta"]["device"] == common.device_name(torch.device("cpu"))
+    assert saved["meta"]["train_flops_per_image"] > 0
+    assert set(saved["baseline"]) == {"synthetic", "jpeg"}
+    assert saved["peaks"]["off"]["source"] == "measured matmul"
+    for row in saved["rows"]:
+        assert row["status"] == "ok", row["status"]
+        assert row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"]
+        assert row["img_per_s"] > 0 and row["vs_baseline"] > 0 and row["mfu"] > 0
+        assert row["step_ms"] > 0 and row["warmup_s"] > 0 and row["peak_mem_gib"] is None
+    table = stem.with_suffix(".md").read_text()
+    assert table == throughput.markdown(saved)
+    assert "| baseline loop | nchw | off | dense | jpeg |" in table
+    assert "| eager | nhwc | bf16 | masked | jpeg |" in table
+    assert len(table.splitlines()) == 6 + 2 + 2  # title, text, head (with blanks), 2 + 2 rows
+    if importlib.util.find_spec("matplotlib"):
+        assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_failing_and_late_rows_are_reported(tmp_path: Path, monkeypatch) -> None:
+    """A row that raises becomes an error row and the grid goes on; past the budget, rows are
+    skipped."""
+    opts = throughput.Options(**TINY)
+
+    def broken(cfg, opts, dist):
+        raise RuntimeError("no kernel\nsecond line")
+
+    monkeypatch.setattr(throughput, "engine_run", broken)
+    report = throughput.run_grid(opts, [throughput.Config(amp="off")])
+    assert report["rows"][0]["status"] == "error: RuntimeError: no kernel"
+    assert "error: RuntimeError: no kernel" in throughput.markdown(report)
+    late = throughput.run_grid(throughput.Options(**TINY, budget_s=1e-9), [throughput.Config()])
+    assert late["rows"][0]["status"].startswith("skipped") and late["baseline"] == {}
+
+
+def test_baseline_loop_runs() -> None:
+    device = torch.device("cpu")
+    data = DataConfig(backend="synthetic", steps_per_epoch=4, batch_size=8, image_size=32)
+    loader, _ = build_loaders(
+        data, dist=Dist(device=device), seed=0, num_classes=10, channels_last=False
+    )
+    r = baseline.measure("resnet20", 10, loader, device, warmup=1, repeats=3, steps=1, batch_size=8)
+    assert r["img_per_s"] > 0 and r["spread_pct"] >= 0
+
+
+def test_command_line() -> None:
+    opts, configs, out = throughput.parse_args(["--quick"])
+    assert configs == throughput.PRESETS["quick"] and opts.arch == "resnet20"
+    assert opts.device == "cpu" and out.name == "throughput"
+    opts, configs, _ = throughput.parse_args(["--quick", "--amp", "off", "bf16", "--workers", "0"])
+    assert [c.amp for c in configs] == ["off", "bf16"] and opts.workers == 0
+    assert {c.compile for c in configs} == {"eager"}
+    with pytest.raises(ValueError, match="layout"):
+        throughput.Config(layout="nhcw")
+
+
+def test_gpu_peak_table() -> None:
+    assert common.gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert common.gpu_peak("NVIDIA H100 PCIe", "fp16") == pytest.approx(756.5e12)
+    assert common.gpu_peak("NVIDIA H200", "off") == pytest.approx(494.7e12)
+    assert common.gpu_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
+    assert common.gpu_peak("Tesla T4", "bf16") is None
+
+
+def test_gpu_check_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
