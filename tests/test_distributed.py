@@ -18,6 +18,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, demo_root)
         "data": {"augment": False, "steps_per_epoch": 4},
         "schedule": {"kind": "step", "epochs": 2, "milestones": [1]},
         "log": {"every_steps": 2, "progress": False},
+        "stages": [  # random masks must come out identical on both ranks (checked in the run)
+            {"train": {}},
+            {"prune": {"method": "random", "sparsity": 0.5, "scope": "layer"}},
+            {"retrain": {"variant": "lrr", "epochs": 1}},
+        ],
     }
     one = tiny_recipe(
         tmp_path / "one.yaml", demo_root, **common, run={"dir": str(tmp_path / "one")}
@@ -39,12 +44,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, demo_root)
     b = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)["model"]
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    masks_a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)["masks"]
+    masks_b = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)["masks"]
+    assert masks_a.keys() == masks_b.keys()
+    assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
 
     env_json = json.loads((tmp_path / "two" / "env.json").read_text())
     assert env_json["world_size"] == 2
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [2, 4, 6, 8]  # rank 0 alone writes, once per log step
+    steps = [(r["stage"], r["step"]) for r in train]
+    assert steps == [(0, 2), (0, 4), (0, 6), (0, 8), (2, 2), (2, 4)]  # rank 0 alone writes
     one_lines = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
     one_evals = [json.loads(x) for x in one_lines if '"eval"' in x]
     two_evals = [r for r in lines if r["kind"] == "eval"]

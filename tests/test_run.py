@@ -114,3 +114,10 @@ def test_garbage_checkpoint_is_a_user_error(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         checkpoint.read(bad)
+
+
+def test_tensorboard_events(tmp_path, demo_root):
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root, schedule={"epochs": 1},
+                         log={"tensorboard": True})  # fmt: skip
+    assert main([str(recipe)]) == 0
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,54 @@
+"""`python -m engine.study STUDY.yaml [--print [FILE] | --report]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine import config
+from engine.errors import UserError
+from engine.study.cells import cells
+from engine.study.report import write_report
+from engine.study.runner import print_commands, run
+from engine.study.spec import Study, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run, --print or --report; user errors exit 2 with one line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.study",
+        description="Run a study: every cell of a grid of recipe overrides, for every seed.",
+        epilog="study file keys:\n" + "\n".join(config.describe(Study)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("study", help="study YAML file")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--print",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print one command per unfinished cell (to FILE if given) instead of running",
+    )
+    mode.add_argument("--report", action="store_true", help="only rewrite study.md and study.png")
+    args = parser.parse_args(argv)
+    try:
+        study = load(args.study)
+        all_cells = cells(study)
+        if args.print:
+            text = print_commands(study, all_cells)
+            if args.print == "-":
+                sys.stdout.write(text)
+            else:
+                Path(args.print).write_text(text)
+                print(f"{len(all_cells)} cells: commands written to {args.print}")
+            return 0
+        if args.report:
+            write_report(study, all_cells)
+            print(Path(study.out) / "study.md")
+            return 0
+        return run(study, all_cells)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,218 @@
+"""Studies: cells run as engine subprocesses, finished cells are skipped, failures are reported,
+the report holds each run's numbers; bad study files; --print; every shipped recipe and study
+loads."""
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import config, study
+from engine.errors import UserError
+from tests.conftest import tiny_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Recipes that use config keys a colleague is adding (data.progressive): until that is committed
+# they may fail on exactly those keys; once it is, they load like every other recipe.
+PENDING_KEYS = ("data.progressive",)
+NEEDS_PENDING_KEYS = {"r50_fast_16ep", "r50_fast_32ep", "r50_fast_88ep"}
+
+
+def write_study(path: Path, **body) -> Path:
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def tiny_base(tmp_path: Path, demo_root: Path) -> Path:
+    """convnet_tiny, one epoch of 3 steps: a cell takes about as long as starting Python."""
+    return tiny_recipe(
+        tmp_path / "base.yaml",
+        demo_root,
+        model={"arch": "convnet_tiny"},
+        data={"steps_per_epoch": 3},
+        schedule={"epochs": 1},
+    )
+
+
+def test_runs_cells_reports_failures_and_skips_finished_cells(
+    tmp_path, demo_root, monkeypatch, capsys
+):
+    base = tiny_base(tmp_path, demo_root)
+    out = tmp_path / "out"
+    # a run that started but saved nothing to resume from: the study starts it afresh
+    (out / "lr0.05-s0").mkdir(parents=True)
+    (out / "lr0.05-s0" / "metrics.jsonl").write_text("")
+    path = write_study(
+        tmp_path / "s.yaml", base=str(base), out=str(out), grid={"optim.lr": [0.05, -1.0, 0.02]}
+    )
+    assert study.main([str(path)]) == 1  # the middle cell fails, the last one still runs
+    console = capsys.readouterr().out
+    assert "[2/3] lr-1.0-s0: FAILED (exit 2): error: recipe key 'optim.lr'" in console
+
+    good = ["lr0.05-s0", "lr0.02-s0"]
+    report = (out / "study.md").read_text()
+    table = json.loads((out / "study.json").read_text())
+    saved = {row["cell"]: row for row in table}
+    plotted = study.chart_data(study.load(path), table)
+    assert plotted.x_axis == "lr" and list(plotted.lines) == [()]  # one line: no other axis
+    for name in good:
+        summary = json.loads((out / name / "summary.json").read_text())
+        final = summary["stages"][-1]
+        evals = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        top1 = [r for r in evals if r["kind"] == "eval"][-1]["top1"]
+        assert final["top1"] == top1
+        row = saved[name.removesuffix("-s0")]
+        assert row["top1"] == [top1, 0.0] and row["img_per_s"][0] == final["img_per_s"]
+        assert row["seconds"][0] == summary["seconds"]
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"| `{row['cell']}`"))
+        assert f"| 1/1 | {top1:.2f} ± 0.00 |" in line and f"| {final['img_per_s']:.0f} |" in line
+        assert (float(name[2:6]), top1, 0.0) in plotted.lines[()]
+    assert "| `lr-1.0` | 0/1 | failed |" in report
+    assert "- `lr-1.0-s0`: failed or unfinished: error: recipe key 'optim.lr'" in report
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # rerun: the finished cells start no process and keep their files; the failed one reruns
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(
+        subprocess, "Popen", lambda args, **kw: started.append(args) or popen(args, **kw)
+    )
+    mtimes = {n: (out / n / "summary.json").stat().st_mtime_ns for n in good}
+    assert study.main([str(path)]) == 1
+    assert len(started) == 1 and "optim.lr=-1.0" in started[0]
+    assert {n: (out / n / "summary.json").stat().st_mtime_ns for n in good} == mtimes
+    assert capsys.readouterr().out.count("finished already") == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ({"seed": [0]}, "unknown study key 'seed' (did you mean 'seeds'?"),
+        ({"base": "missing.yaml"}, "study key 'base': recipe file not found"),
+        ({"grid": {"optim.lr": 0.1}}, "study key 'grid.optim.lr'"),
+        ({"chart": {"x": "budget"}}, "study key 'chart.x': 'budget' is not an axis (lr)"),
+        ({"seeds": [0, 0]}, "study key 'seeds'"),
+        ({"env": {"W": "${dense.checkpoint}"}}, "study key 'env.W': ${dense.checkpoint} names no"),
+    ],
+)
+def test_bad_study_file_exits_2_with_one_line(tmp_path, demo_root, capsys, body, key):
+    base = tiny_base(tmp_path, demo_root)
+    path = write_study(
+        tmp_path / "s.yaml",
+        **{"base": str(base), "out": str(tmp_path), "grid": {"optim.lr": [0.1]}, **body},
+    )
+    assert study.main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: ") and key in captured.err
+
+
+def prepared_study(tmp_path: Path, demo_root: Path, **extra) -> Path:
+    base = tiny_base(tmp_path, demo_root)
+    return write_study(
+        tmp_path / "s.yaml",
+        base=str(base),
+        out=str(tmp_path / "out"),
+        seeds=[0, 1],
+        prepare={"dense": {"set": {"stages": [{"train": {}}]}}},
+        env={"DENSE": "${dense.checkpoint}"},
+        set={"stages": [{"load": {"checkpoint": "${DENSE}"}}, {"prune": {"sparsity": 0.5}}]},
+        grid={
+            "method": {"mag": {"stages.1.prune.method": "global_magnitude"}},
+            "stages.1.prune.sparsity": [0.5, 0.8],
+        },
+        **extra,
+    )
+
+
+def test_print_gives_one_command_per_cell_with_references_resolved(tmp_path, demo_root, capsys):
+    path = prepared_study(tmp_path, demo_root)
+    assert study.main([str(path), "--print"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln and ln[0] not in "#m"]
+    out = tmp_path / "out"
+    names = ["dense-s0", "dense-s1"] + [f"mag-sparsity{v}-s{s}" for v in (0.5, 0.8) for s in (0, 1)]
+    assert [shlex.split(ln)[-3] for ln in lines] == [f"run.dir={out / n}" for n in names]
+    assert shlex.split(lines[0])[:3] == ["python", "-m", "engine.run"]
+    assert "stages=[{train: {}}]" in shlex.split(lines[0]) and "seed=1" in shlex.split(lines[1])
+    assert lines[3].startswith(f"DENSE={out}/dense-s1/checkpoints/last.pt python -m engine.run ")
+
+    sbatch = {"launch": {"command": "torchrun --nproc_per_node=8 -m engine.run", "sbatch": "-N1"}}
+    path = prepared_study(tmp_path, demo_root, **sbatch)
+    script = tmp_path / "submit.sh"
+    assert study.main([str(path), "--print", str(script)]) == 0
+    jobs = [ln for ln in script.read_text().splitlines() if "sbatch" in ln]
+    assert len(jobs) == 6 and jobs[0].startswith("j_dense_s0=$(sbatch --parsable -N1 ")
+    assert "--dependency=afterok:$j_dense_s1 --wrap 'DENSE=" in jobs[3]
+    assert "torchrun --nproc_per_node=8 -m engine.run" in jobs[3]
+
+
+def test_table_averages_seeds_and_lists_missing_runs(tmp_path, demo_root):
+    s = study.load(prepared_study(tmp_path, demo_root))
+    out = Path(s.out)
+    runs = {"dense-s0": 90.0, "dense-s1": 92.0, "mag-sparsity0.5-s0": 80.0}
+    runs |= {"mag-sparsity0.5-s1": 84.0, "mag-sparsity0.8-s0": 70.0}
+    recipe = config.Recipe()
+    recipe.model.arch, recipe.model.num_classes, recipe.data.image_size = "resnet20", 10, 32
+    for name, top1 in runs.items():
+        stages = [{"stage": 0, "kind": "train", "top1": top1, "img_per_s": 100.0}]
+        if not name.startswith("dense"):
+            stages.append({"stage": 1, "kind": "prune", "flops": 2e6, "flops_effective": 1e6})
+            stages.append({"stage": 2, "kind": "retrain", "top1": top1, "sparsity": 0.5})
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text(yaml.safe_dump(config.to_dict(recipe)))
+        (out / name / "summary.json").write_text(json.dumps({"stages": stages, "seconds": 60}))
+    study.write_report(s, study.cells(s))
+    table = (out / "study.md").read_text()
+    assert "| `mag-sparsity0.5` | 2/2 | 82.00 ± 2.83 | 0.500 | 1 M (2%) |" in table
+    assert "| `mag-sparsity0.8` | 1/2 | 70.00 ± 0.00 |" in table
+    assert "| `dense` | 2/2 | 91.00 ± 1.41 | - | 40.8 M | 100 | 60 s |" in table  # ResNet-20
+    assert "- `mag-sparsity0.8-s1`: not run" in table
+
+
+def recipe_env(tmp_path: Path, monkeypatch) -> None:
+    """Point every variable the recipes use at temporary folders and files."""
+    for var in ("IMAGENET_DIR", "CIFAR10_DIR"):
+        for split in ("train", "val"):
+            (tmp_path / var / split).mkdir(parents=True)
+        monkeypatch.setenv(var, str(tmp_path / var))
+    for var in ("R50_DENSE", "RESNET56_DENSE", "DEMO_DENSE"):
+        (tmp_path / var).mkdir()
+        (tmp_path / var / "last.pt").write_bytes(b"")
+        (tmp_path / var / "rewind-epoch45.pt").write_bytes(b"")  # r50_wr rewinds to T - E = 45
+        monkeypatch.setenv(var, str(tmp_path / var / "last.pt"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads(path, tmp_path, monkeypatch):
+    recipe_env(tmp_path, monkeypatch)
+    if path.stem not in NEEDS_PENDING_KEYS:
+        assert config.load(path).stages
+        return
+    try:
+        config.load(path)
+    except UserError as e:
+        assert any(f"'{key}'" in str(e) for key in PENDING_KEYS), str(e)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_cell_loads(path, tmp_path, monkeypatch):
+    recipe_env(tmp_path, monkeypatch)
+    monkeypatch.chdir(ROOT)  # study files name recipes relative to the repository
+    s = study.load(path)
+    s.out = str(tmp_path / "out")
+    all_cells = study.cells(s)
+    assert len({c.name for c in all_cells}) == len(all_cells) > len(s.seeds)
+    for cell in all_cells:
+        for name in cell.needs:  # the checkpoints prepare cells would have written
+            (tmp_path / "out" / name / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "out" / name / "checkpoints" / "last.pt").write_bytes(b"")
+        for var, value in cell.env.items():
+            monkeypatch.setenv(var, value)
+        try:
+            config.load(cell.recipe, cell.overrides)
+        except UserError as e:
+            assert Path(cell.recipe).stem in NEEDS_PENDING_KEYS, f"{cell.name}: {e}"
