@@ -267,11 +267,12 @@ class Recipe:
 # Loading
 
 
-def load(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe file, apply `dotted.key=value` overrides, expand `${VAR}`, validate."""
+def read_yaml(path: str | os.PathLike, what: str) -> dict:
+    """The mapping in a YAML file (`what`: "recipe", "study"); missing files, malformed YAML
+    and non-mappings are user errors naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+        raise UserError(f"{what} file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -279,7 +280,14 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+        raise UserError(f"{path}: a {what} must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `dotted.key=value` overrides, expand `${VAR}`, validate."""
+    path = Path(path)
+    raw = read_yaml(path, "recipe")
     raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from engine import config
 from engine.config import opt
 from engine.errors import UserError
@@ -86,14 +84,7 @@ class Study:
 def load(path: str | Path) -> Study:
     """Read and check a study file; every problem is a UserError naming the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: malformed YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"study key '(top)': expected a mapping, got {config._show(raw)}")
+    raw = config.read_yaml(path, "study")
     study = _build(Study, raw, "")
     prepare = study.prepare.items()
     study.prepare = {str(n): _build(PrepareCell, p, f"prepare.{n}") for n, p in prepare}
