@@ -6,6 +6,7 @@ import datetime
 import functools
 import gc
 import itertools
+import json
 import platform
 import statistics
 import subprocess
@@ -73,6 +74,14 @@ def environment(device: torch.device) -> dict:
         "git_commit": commit or None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_results(out: Path, stem: str, result: dict, table: str) -> None:
+    """Print a report's markdown table and write it with its JSON under `out`."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table)
 
 
 def gpu_peak(name: str, amp: str) -> float | None:

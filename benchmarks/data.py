@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
-from benchmarks.common import device_name, version  # noqa: E402
+from benchmarks.common import device_name, version, write_results  # noqa: E402
 from engine.config import DataConfig  # noqa: E402
 from engine.data import build_loaders, dali_installed, prepare  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
@@ -181,11 +180,7 @@ def main() -> None:
     if prep_seconds is not None:
         lines += ["", f"prepare ({args.threads} workers): {prep_seconds:.1f} s"]
     table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"data_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
+    write_results(args.out, f"data_{device.type}", result, table)
 
 
 if __name__ == "__main__":

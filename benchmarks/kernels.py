@@ -3,7 +3,6 @@
 import argparse
 import datetime
 import gc
-import json
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ from torch.nn.utils import prune
 # This script shares its name with the package it measures: search the repo root, not benchmarks/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import kernels  # noqa: E402
-from benchmarks.common import device_name, version  # noqa: E402
+from benchmarks.common import device_name, version, write_results  # noqa: E402
 
 SPARSITY = 0.8  # unstructured, random, on every conv weight
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -218,11 +217,7 @@ def main() -> None:
             f"kernel / copy: {ours / copy_gbs:.1%} (target >= 85%)",
         ]
     table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"masked_sgd_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
+    write_results(args.out, f"masked_sgd_{device.type}", result, table)
 
 
 if __name__ == "__main__":
