@@ -26,7 +26,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -226,7 +225,7 @@ def engine_run(cfg: Config, opts: Options, dist: Dist):
         compile_mode="default" if cfg.compile == "eager" else cfg.compile,
     )
     opt = optim.build(model, OptimConfig(lr=LR), masks)
-    net = train.wrap(model, precision, SimpleNamespace(dist=dist))
+    net = train.wrap(model, precision, dist)
     dtype = train.amp_dtype(precision)
     scaler = torch.amp.GradScaler(dist.device.type) if dtype is torch.float16 else None
     step = train.make_step(net, opt, scaler, 0.0, dtype, dist.device.type)

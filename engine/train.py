@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine import optim
 from engine.config import PrecisionConfig
-from engine.evaluate import evaluate
+from engine.distributed import Dist
 from engine.logging import progress
 from engine.preemption import Interrupted
 
@@ -27,14 +27,14 @@ def amp_dtype(precision: PrecisionConfig) -> torch.dtype | None:
     return AMP_DTYPES[precision.amp]
 
 
-def wrap(model: torch.nn.Module, precision: PrecisionConfig, ctx) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, precision: PrecisionConfig, dist: Dist) -> torch.nn.Module:
     """The module the step calls: DDP across ranks (buckets as grad views, no copy), then
     torch.compile. `model` itself stays unwrapped for evaluation and checkpoints."""
     net = model
-    if ctx.dist.active:
-        cuda = ctx.dist.device.type == "cuda"
+    if dist.active:
+        cuda = dist.device.type == "cuda"
         net = DistributedDataParallel(
-            net, device_ids=[ctx.dist.device.index] if cuda else None, gradient_as_bucket_view=True
+            net, device_ids=[dist.device.index] if cuda else None, gradient_as_bucket_view=True
         )
     if precision.compile:
         mode = None if precision.compile_mode == "default" else precision.compile_mode
@@ -109,7 +109,7 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
     checkpointing at epoch ends. Returns the stage's final eval metrics and images/s."""
     r, dist, loader = ctx.recipe, ctx.dist, ctx.train_loader
     model = ctx.model
-    net = wrap(model, r.precision, ctx)
+    net = wrap(model, r.precision, dist)
     opt = ctx.build_optimizer()
     dtype = amp_dtype(r.precision)
     scaler = torch.amp.GradScaler(dist.device.type) if dtype is torch.float16 else None
@@ -195,13 +195,13 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
             result["img_per_s"] = epoch_steps * global_batch / (time.perf_counter() - epoch_time)
         done_epoch = step // spe
         final = step >= plan.total_steps
-        if ctx.val_loader is not None and (final or done_epoch % r.eval.every_epochs == 0):
-            metrics = evaluate(model, ctx.val_loader, dist, dtype)
-            ctx.log.write("eval", plan.index, step / spe, step, **metrics)
-            ctx.say(
-                f"stage {plan.index} epoch {done_epoch}: top1 {metrics['top1']:.2f}% "
-                f"top5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f}"
-            )
+        if final or done_epoch % r.eval.every_epochs == 0:
+            metrics = ctx.evaluate(plan.index, step, step / spe)
+            if metrics:
+                ctx.say(
+                    f"stage {plan.index} epoch {done_epoch}: top1 {metrics['top1']:.2f}% "
+                    f"top5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f}"
+                )
             result.update(metrics)
         ctx.epochs_run += 1
         if done_epoch in plan.rewind_epochs and step % spe == 0:

@@ -33,7 +33,7 @@ def _setup(amp: str, masked: bool, fused_masked: bool = True) -> SimpleNamespace
     # A small initial scale: the first fp16 steps are applied, not skipped for overflow.
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if dtype is torch.float16 else None
     dist = Dist(device=DEVICE)
-    net = train.wrap(model, precision, SimpleNamespace(dist=dist))
+    net = train.wrap(model, precision, dist)
     step = train.make_step(net, opt, scaler, 0.0, dtype, "cuda")
     data = DataConfig(backend="synthetic", steps_per_epoch=1, batch_size=32, image_size=32)
     loader, _ = build_loaders(data, dist=dist, seed=0, num_classes=10, channels_last=True)
