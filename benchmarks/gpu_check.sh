@@ -62,19 +62,16 @@ part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the o
   SUMMARY+=("$(printf '%-11s %-15s %4ds' "$name" "$status" $((SECONDS - start)))")
 }
 
-# Budgets (seconds): 60 + 250 + 40 + 60, plus a few for the header. The throughput grid starts
-# no row after 195 s (a compiled ResNet-50 row takes about a minute) and writes its JSON and
-# table after every row, so a timeout keeps the rows already measured.
+# Budgets (seconds): 60 + 220 + 40 + 60 + 30, plus a few for the header. The throughput grid
+# starts no row after 165 s (a compiled ResNet-50 row takes about a minute) and writes its JSON
+# and table after every row, so a timeout keeps the rows already measured.
 part gpu-tests 60 "$PY" -m pytest -m gpu -q --tb=short -p no:cacheprovider
 # shellcheck disable=SC2086 # THROUGHPUT_ARGS is a list of flags
-part throughput 250 "$PY" benchmarks/throughput.py --budget-s 195 --out "$RESULTS/throughput" \
+part throughput 220 "$PY" benchmarks/throughput.py --budget-s 165 --out "$RESULTS/throughput" \
   ${THROUGHPUT_ARGS:-}
 part kernels 40 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
-if [[ -f benchmarks/data.py ]]; then
-  part data 60 "$PY" benchmarks/data.py --out "$RESULTS"
-else
-  SUMMARY+=("$(printf '%-11s %-15s' data 'SKIPPED (absent)')")
-fi
+part data 60 "$PY" benchmarks/data.py --out "$RESULTS"
+part structured 30 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
 
 {
   printf '\n=== summary: %s, results in %s\n' "$card" "$RESULTS"
