@@ -93,10 +93,13 @@ class Context:
             f"command plus run.resume=auto (or run.dir={self.run_dir} run.resume=auto)"
         )
 
-    def state(self, stage: int, step: int, done: bool) -> dict:
-        """A checkpoint dict in DESIGN.md's format (optimizer added by the caller)."""
+    def state(self, stage: int, step: int, done: bool, opt=None, scaler=None) -> dict:
+        """A checkpoint dict in DESIGN.md's format (optimizer None between stages: each
+        training stage starts a fresh one)."""
         return {
             "model": self.model.state_dict(),
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "masks": {k: v.cpu() for k, v in self.masks.items()},
             "arch": self.arch,
             "stage": stage,
@@ -114,9 +117,7 @@ class Context:
         """Write checkpoints/last.pt (rank 0 only; every rank holds the same weights)."""
         if not self.dist.is_main:
             return
-        state = self.state(stage, step, done)
-        state["optimizer"] = opt.state_dict() if opt is not None else None
-        state["scaler"] = scaler.state_dict() if scaler is not None else None
+        state = self.state(stage, step, done, opt, scaler)
         checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
 
 

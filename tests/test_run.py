@@ -79,6 +79,8 @@ def test_load_model_round_trip_and_load_stage(tmp_path, demo_root):
     assert not model.training
     saved = torch.load(path, weights_only=False)
     assert saved["arch"]["name"] == "resnet20"
+    contract = {"model", "masks", "arch", "optimizer", "stage", "epoch", "step", "config", "rng"}
+    assert contract <= saved.keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved["model"][key])
 
