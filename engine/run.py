@@ -132,7 +132,9 @@ def train(recipe: Recipe, dist: Dist) -> int:
     log.close()
     if dist.is_main:
         summary = {"run_dir": str(run_dir), "stages": results, "seconds": round(log.elapsed(), 1)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tmp = run_dir / ".summary.json.tmp"  # summary.json marks the run finished: write it whole
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, run_dir / "summary.json")
         print(format_summary(recipe, summary))
     return 0
 
