@@ -130,6 +130,10 @@ def run_load(ctx: Context, stage: LoadStage, index: int, resume: dict | None) ->
             f"recipe key 'stages.{index}.load.checkpoint': {stage.checkpoint} holds a "
             f"{arch.get('name')} but model.arch is {ctx.arch['name']}"
         )
+    if isinstance(arch, dict):  # an engine checkpoint: its pruned widths and masks come along
+        checkpoint.apply_arch(ctx.model, arch)
+        ctx.arch = arch
+        ctx.masks = {k: v.to(ctx.dist.device) for k, v in obj.get("masks", {}).items()}
     sd = checkpoint.state_dict_of(obj)
     try:
         ctx.model.load_state_dict(sd, strict=stage.strict)
@@ -139,8 +143,8 @@ def run_load(ctx: Context, stage: LoadStage, index: int, resume: dict | None) ->
             f"recipe key 'stages.{index}.load.checkpoint': weights do not fit "
             f"model.arch={ctx.arch['name']} ({first})"
         ) from None
-    if ctx.recipe.precision.channels_last:
-        ctx.model.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if ctx.recipe.precision.channels_last else torch.preserve_format
+    ctx.model.to(ctx.dist.device, memory_format=fmt)
     ctx.say(f"stage {index} load: {stage.checkpoint}")
     return {}
 

@@ -164,3 +164,37 @@ def test_resume_inside_a_retrain_stage_continues_its_schedule(tmp_path, demo_roo
     lr_a = [r["lr"] for r in rows(tmp_path / "a" / "run", "train")]
     lr_b = [r["lr"] for r in rows(tmp_path / "b" / "run", "train")]
     assert lr_a == lr_b
+
+
+def test_a_load_stage_keeps_pruned_widths_and_masks(tmp_path, demo_root):
+    structured = [
+        {"train": {"epochs": 1}},
+        {"prune": {"method": "l1_filter", "fraction": 0.5}},
+    ]
+    first = tiny_recipe(tmp_path / "a.yaml", demo_root, schedule={"epochs": 2}, stages=structured)
+    assert main([str(first), "run.dir=" + str(tmp_path / "a")]) == 0
+    unstructured = structured[:1] + [{"prune": {"method": "global_magnitude", "sparsity": 0.7}}]
+    second = tiny_recipe(
+        tmp_path / "b.yaml", demo_root, schedule={"epochs": 2}, stages=unstructured
+    )
+    assert main([str(second), "run.dir=" + str(tmp_path / "b")]) == 0
+
+    for name in ("a", "b"):
+        again = tiny_recipe(
+            tmp_path / f"{name}2.yaml",
+            demo_root,
+            schedule={"epochs": 2},
+            run={"dir": str(tmp_path / f"{name}2")},
+            stages=[
+                {"load": {"checkpoint": str(tmp_path / name / "checkpoints" / "last.pt")}},
+                {"retrain": {"variant": "ft", "epochs": 1}},
+            ],
+        )
+        assert main([str(again)]) == 0
+    widths = load_model(tmp_path / "a2" / "checkpoints" / "last.pt")
+    assert widths.layer1[0].conv1.out_channels == 8
+    kept = torch.load(tmp_path / "b2" / "checkpoints" / "last.pt", weights_only=False)
+    before = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["masks"]
+    assert all(torch.equal(before[k], kept["masks"][k]) for k in before)
+    for name, mask in kept["masks"].items():
+        assert torch.count_nonzero(kept["model"][name][~mask]) == 0, name
