@@ -22,7 +22,7 @@ from engine.logging import MetricsLog, environment, write_config, write_env
 from engine.models import build_model
 from engine.preemption import Interrupted, StopRequest
 from engine.stages import Context, run_all
-from engine.train import amp_dtype
+from engine.train import amp_dtype, memory_format
 
 USAGE = "usage: python -m engine.run RECIPE.yaml [dotted.key=value ...]   (--help lists the keys)"
 
@@ -109,8 +109,7 @@ def train(recipe: Recipe, dist: Dist) -> int:
     m = recipe.model
     model = build_model(m.arch, m.num_classes, m.zero_init_residual)
     arch = {"name": m.arch, "num_classes": m.num_classes, "shapes": {}}
-    memory_format = torch.channels_last if recipe.precision.channels_last else torch.preserve_format
-    model.to(dist.device, memory_format=memory_format)
+    model.to(dist.device, memory_format=memory_format(recipe.precision))
     train_loader, val_loader = build_loaders(
         recipe.data,
         dist=dist,
@@ -176,18 +175,7 @@ def check_changes(ctx: Context, ckpt: dict) -> None:
 def restore(ctx: Context, ckpt: dict) -> None:
     """Put a last.pt back: architecture, weights, masks, RNG; trim the metrics log to it."""
     check_changes(ctx, ckpt)
-    arch = ckpt.get("arch") or {}
-    if arch.get("name") != ctx.arch["name"]:
-        raise UserError(
-            f"recipe key 'model.arch': the run to resume holds a {arch.get('name')}, "
-            f"not a {ctx.arch['name']}"
-        )
-    checkpoint.apply_arch(ctx.model, arch)
-    ctx.arch = arch
-    fmt = torch.channels_last if ctx.recipe.precision.channels_last else torch.preserve_format
-    ctx.model.to(ctx.dist.device, memory_format=fmt)
-    ctx.model.load_state_dict(ckpt["model"])
-    ctx.masks = {k: v.to(ctx.dist.device) for k, v in ckpt.get("masks", {}).items()}
+    ctx.adopt(ckpt, f"recipe key 'model.arch': the run to resume ({ctx.run_dir})")
     checkpoint.set_rng_state(ckpt["rng"])
     if ckpt["stage_done"]:
         ctx.log.truncate_after(ckpt["stage"] + 1, -1)

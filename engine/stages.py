@@ -18,7 +18,7 @@ from engine.errors import UserError
 from engine.evaluate import evaluate
 from engine.logging import MetricsLog
 from engine.preemption import Interrupted, StopRequest
-from engine.train import StagePlan, amp_dtype, fit
+from engine.train import StagePlan, amp_dtype, fit, memory_format
 
 
 @dataclass
@@ -62,6 +62,27 @@ class Context:
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return optim.build(self.model, self.recipe.optim, self.masks)
+
+    def adopt(self, obj: dict, where: str, strict: bool = True) -> None:
+        """Take the model of a checkpoint or bare state dict: an engine checkpoint's pruned
+        widths (arch) and masks come along. `where` names the source in user errors."""
+        arch = obj.get("arch")
+        if isinstance(arch, dict):
+            if arch.get("name") != self.arch["name"]:
+                raise UserError(
+                    f"{where} holds a {arch.get('name')}, but model.arch is {self.arch['name']}"
+                )
+            checkpoint.apply_arch(self.model, arch)
+            self.arch = arch
+            self.masks = {k: v.to(self.dist.device) for k, v in obj.get("masks", {}).items()}
+        try:
+            self.model.load_state_dict(checkpoint.state_dict_of(obj), strict=strict)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise UserError(
+                f"{where}: weights do not fit model.arch={self.arch['name']} ({first})"
+            ) from None
+        self.model.to(self.dist.device, memory_format=memory_format(self.recipe.precision))
 
     def save_rewind(self, epoch: int) -> None:
         """checkpoints/rewind-epoch<e>.pt: the weights after epoch e, for `wr` retraining."""
@@ -123,28 +144,8 @@ class Context:
 
 def run_load(ctx: Context, stage: LoadStage, index: int, resume: dict | None) -> dict:
     """Load weights from an engine checkpoint or a torchvision-format state dict."""
-    obj = checkpoint.read(stage.checkpoint)
-    arch = obj.get("arch")
-    if isinstance(arch, dict) and arch.get("name") != ctx.arch["name"]:
-        raise UserError(
-            f"recipe key 'stages.{index}.load.checkpoint': {stage.checkpoint} holds a "
-            f"{arch.get('name')} but model.arch is {ctx.arch['name']}"
-        )
-    if isinstance(arch, dict):  # an engine checkpoint: its pruned widths and masks come along
-        checkpoint.apply_arch(ctx.model, arch)
-        ctx.arch = arch
-        ctx.masks = {k: v.to(ctx.dist.device) for k, v in obj.get("masks", {}).items()}
-    sd = checkpoint.state_dict_of(obj)
-    try:
-        ctx.model.load_state_dict(sd, strict=stage.strict)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise UserError(
-            f"recipe key 'stages.{index}.load.checkpoint': weights do not fit "
-            f"model.arch={ctx.arch['name']} ({first})"
-        ) from None
-    fmt = torch.channels_last if ctx.recipe.precision.channels_last else torch.preserve_format
-    ctx.model.to(ctx.dist.device, memory_format=fmt)
+    where = f"recipe key 'stages.{index}.load.checkpoint': {stage.checkpoint}"
+    ctx.adopt(checkpoint.read(stage.checkpoint), where, stage.strict)
     ctx.say(f"stage {index} load: {stage.checkpoint}")
     return {}
 

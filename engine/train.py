@@ -27,6 +27,10 @@ def amp_dtype(precision: PrecisionConfig) -> torch.dtype | None:
     return AMP_DTYPES[precision.amp]
 
 
+def memory_format(precision: PrecisionConfig) -> torch.memory_format:
+    return torch.channels_last if precision.channels_last else torch.preserve_format
+
+
 def wrap(model: torch.nn.Module, precision: PrecisionConfig, dist: Dist) -> torch.nn.Module:
     """The module the step calls: DDP across ranks (buckets as grad views, no copy), then
     torch.compile. `model` itself stays unwrapped for evaluation and checkpoints."""
