@@ -33,6 +33,25 @@ _PLANS_KEPT = 8  # grads may move when zero_grad(set_to_none=True) frees them: k
 
 
 @triton.jit
+def _update(w_ptrs, g_ptrs, b_ptrs, m_ptrs, live, keep_live, lr, scale, momentum, weight_decay,
+            NESTEROV: tl.constexpr):  # fmt: skip
+    """One BLOCK of the update. `live` (None: every lane) bounds the parameter; masked-out weight
+    and buffer entries are written as exact zeros."""
+    w = tl.load(w_ptrs, mask=live).to(tl.float32)
+    g = tl.load(g_ptrs, mask=live).to(tl.float32)
+    b = tl.load(b_ptrs, mask=live).to(tl.float32)
+    keep = tl.load(m_ptrs, mask=keep_live, other=1) != 0
+    if scale is not None:
+        g = g / scale
+    g = g + weight_decay * w
+    b = momentum * b + g
+    d = g + momentum * b if NESTEROV else b
+    w = w - lr * d
+    tl.store(w_ptrs, tl.where(keep, w, 0.0).to(w_ptrs.dtype.element_ty), mask=live)
+    tl.store(b_ptrs, tl.where(keep, b, 0.0).to(b_ptrs.dtype.element_ty), mask=live)
+
+
+@triton.jit
 def _masked_sgd_kernel(
     tensors_ptr,
     chunks_ptr,
@@ -56,35 +75,34 @@ def _masked_sgd_kernel(
     w_addr, g_addr = tl.load(row), tl.load(row + 1)
     b_addr, m_addr = tl.load(row + 2), tl.load(row + 3)
     numel = tl.load(row + 4).to(tl.int32)
-    if ALIGNED:  # every address is a multiple of 16 bytes: lets the compiler emit 128-bit accesses
-        w_addr = tl.multiple_of(w_addr, 16)
-        g_addr = tl.multiple_of(g_addr, 16)
-        b_addr = tl.multiple_of(b_addr, 16)
-        m_addr = tl.multiple_of(m_addr, 16)
     w_ptr = w_addr.to(tl.pointer_type(W_DTYPE))
     g_ptr = g_addr.to(tl.pointer_type(G_DTYPE))
     b_ptr = b_addr.to(tl.pointer_type(B_DTYPE))
     m_ptr = m_addr.to(tl.pointer_type(tl.uint8))
+    if ALIGNED:  # every address is a multiple of 16 bytes (said of the pointers: a hint on the
+        w_ptr = tl.multiple_of(w_ptr, 16)  # integer addresses is lost in the cast)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+    has_mask = m_addr != 0
     if found_inf_ptr is not None:  # skipped step: every load and store below is masked off
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     lr = tl.load(lr_ptr).to(tl.float32) if lr_ptr is not None else lr_value
-    if scale_ptr is not None:
-        scale = tl.load(scale_ptr).to(tl.float32)
-    for i in range(ITERS):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        live = offs < numel
-        w = tl.load(w_ptr + offs, mask=live).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=live).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=live).to(tl.float32)
-        keep = tl.load(m_ptr + offs, mask=live & (m_addr != 0), other=1) != 0
-        if scale_ptr is not None:
-            g = g / scale
-        g = g + weight_decay * w
-        b = momentum * b + g
-        d = g + momentum * b if NESTEROV else b
-        w = w - lr * d
-        tl.store(w_ptr + offs, tl.where(keep, w, 0.0).to(W_DTYPE), mask=live)
-        tl.store(b_ptr + offs, tl.where(keep, b, 0.0).to(B_DTYPE), mask=live)
+    scale = tl.load(scale_ptr).to(tl.float32) if scale_ptr is not None else None
+    # 16-byte accesses also need a whole vector to be in bounds: a bound read from memory has
+    # unknown divisibility, so a load masked by it goes one element at a time. Whole chunks (all
+    # but each parameter's last) therefore go without a bound.
+    if start + BLOCK * ITERS <= numel:
+        for i in range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            _update(w_ptr + offs, g_ptr + offs, b_ptr + offs, m_ptr + offs, None, has_mask,
+                    lr, scale, momentum, weight_decay, NESTEROV)  # fmt: skip
+    else:
+        for i in range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            live = offs < numel
+            _update(w_ptr + offs, g_ptr + offs, b_ptr + offs, m_ptr + offs, live,
+                    live & has_mask, lr, scale, momentum, weight_decay, NESTEROV)  # fmt: skip
 
 
 def _dense_strides(t: Tensor) -> tuple[int, ...] | None:
@@ -154,20 +172,22 @@ def _key(
     momentum_buffers: Sequence[Tensor],
     masks: Sequence[Tensor | None],
 ) -> tuple:
-    """What a cached plan depends on: every tensor's address and strides, shapes and dtypes."""
-    ptr, strides = Tensor.data_ptr, Tensor.stride
+    """What a cached plan depends on: every tensor's address, and the grads' strides and dtypes.
+
+    Reading this key is the host cost of a step, so it holds only what can change between
+    steps: autograd may allocate a new grad (a new address, or in principle another layout or
+    dtype). Weights, buffers and masks are taken to keep shape, strides and dtype while they keep
+    their address, as an optimizer's own tensors do.
+    """
+    ptr = Tensor.data_ptr
     return (
         params[0].device,
-        tuple(w.shape for w in params),
         tuple(map(ptr, params)),
         tuple(map(ptr, grads)),
         tuple(map(ptr, momentum_buffers)),
         tuple(m.data_ptr() if m is not None else 0 for m in masks),
-        tuple(map(strides, params)),
-        tuple(map(strides, grads)),
-        tuple(map(strides, momentum_buffers)),
-        tuple(m.stride() if m is not None else None for m in masks),
-        tuple(t.dtype for ts in (params, grads, momentum_buffers) for t in ts),
+        tuple(map(Tensor.stride, grads)),
+        tuple(g.dtype for g in grads),
     )
 
 
@@ -186,8 +206,9 @@ def masked_sgd_triton_(
 ) -> None:
     """Masked SGD step in place with one Triton launch per dtype group; no host sync.
 
-    Validation and tables are cached by `_key` (reading it is the host cost of a step): a grad,
-    buffer or mask given another shape at the same address and strides is not detected.
+    Validation and tables are cached by `_key` (reading it is the host cost of a step): a tensor
+    given another shape at the same address, or a weight, buffer or mask given other strides or
+    dtype there, is not detected.
     """
     for t in (lr, grad_scale, found_inf):
         if isinstance(t, Tensor) and t.device != params[0].device:

@@ -22,9 +22,11 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# Odd sizes, a tensor spanning two kernel chunks, and channels_last 4-D weights.
-SHAPES = [(3,), (1,), (7, 5), (kernels.masked_sgd.CHUNK + 3,), (5, 3, 3, 3), (4, 6, 1, 1)]
-CHANNELS_LAST = {4, 5}
+# Odd sizes, a whole chunk plus a partial one, channels_last 4-D weights, and one of exactly two
+# whole chunks (whole chunks take the kernel's unbounded, vectorised path).
+SHAPES = [(3,), (1,), (7, 5), (kernels.masked_sgd.CHUNK + 3,), (5, 3, 3, 3), (4, 6, 1, 1),
+          (kernels.masked_sgd.CHUNK // 8, 4, 2, 2)]  # fmt: skip
+CHANNELS_LAST = {4, 5, 6}
 # (weight/buffer dtype, grad dtype, tolerance): values are O(1); fp32 allows a few ulps (a GPU may
 # fuse multiply-adds), bf16 one or two bf16 ulps per step (the interpreter truncates fp32 -> bf16
 # where compiled Triton and torch round to nearest).
