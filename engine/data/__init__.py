@@ -89,17 +89,18 @@ def build_loaders(
             demo.make_demo_dataset(root)
         dist.barrier()  # every rank, every time: the others wait for rank 0's dataset
     kw = dict(dist=dist, seed=seed, num_classes=num_classes, channels_last=channels_last)
-    if cfg.backend == "dali":
-        if dali_installed():
-            from engine.data import dali
+    if cfg.backend == "dali" and dali_installed():
+        from engine.data import dali
 
-            return dali.build(cfg, dtype=dtype, **kw)
-        decoding = "GPU" if dist.device.type == "cuda" else "CPU"
+        return dali.build(cfg, dtype=dtype, **kw)
+    from engine.data import folder
+
+    if cfg.backend == "dali":
+        on_device = folder.device_decoding(cfg.decode, dist.device, cfg.workers)
         say_once(
             "data.backend=dali: NVIDIA DALI is not installed (pip install 'engine[dali-cu13]'); "
-            f"using the torch backend with {decoding} JPEG decoding"
+            f"using the torch backend with {'GPU' if on_device else 'CPU'} JPEG decoding"
         )
-    from engine.data import folder
 
     return folder.build(cfg, dtype=dtype or torch.float32, **kw)
 
