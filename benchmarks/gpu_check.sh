@@ -43,6 +43,8 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backe
       f", python {platform.python_version()}")
 print("date:", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 EOF
+nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 |
+  tee -a "$LOG"
 
 SUMMARY=()
 FAILED=0
@@ -62,16 +64,17 @@ part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the o
   SUMMARY+=("$(printf '%-11s %-15s %4ds' "$name" "$status" $((SECONDS - start)))")
 }
 
-# Budgets (seconds): 60 + 220 + 40 + 60 + 30, plus a few for the header. The throughput grid
+# Budgets (seconds): 60 + 220 + 40 + 60 + 45, plus a few for the header. The throughput grid
 # starts no row after 165 s (a compiled ResNet-50 row takes about a minute) and writes its JSON
 # and table after every row, so a timeout keeps the rows already measured.
-part gpu-tests 60 "$PY" -m pytest -m gpu -q --tb=short -p no:cacheprovider
+part gpu-tests 60 "$PY" -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider \
+  --continue-on-collection-errors
 # shellcheck disable=SC2086 # THROUGHPUT_ARGS is a list of flags
 part throughput 220 "$PY" benchmarks/throughput.py --budget-s 165 --out "$RESULTS/throughput" \
   ${THROUGHPUT_ARGS:-}
 part kernels 40 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
 part data 60 "$PY" benchmarks/data.py --out "$RESULTS"
-part structured 30 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
+part structured 45 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
 
 {
   printf '\n=== summary: %s, results in %s\n' "$card" "$RESULTS"

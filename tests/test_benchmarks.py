@@ -35,6 +35,7 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     configs = [
         throughput.Config("eager", "nchw", "off", "dense", "synthetic"),
         throughput.Config("eager", "nhwc", "bf16", "masked", "jpeg"),
+        throughput.Config("eager", "nhwc", "off", "dense", "nvjpeg"),
     ]
     stem = tmp_path / "out" / "tp"
     report = throughput.run_grid(opts, configs, stem)
@@ -54,7 +55,8 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     assert table == throughput.markdown(saved)
     assert "| baseline loop | nchw | off | dense | jpeg |" in table
     assert "| eager | nhwc | bf16 | masked | jpeg |" in table
-    assert len(table.splitlines()) == 6 + 2 + 2  # title, text, head (with blanks), 2 + 2 rows
+    assert "| eager | nhwc | off | dense | nvjpeg |" in table  # vs the jpeg baseline: no third
+    assert len(table.splitlines()) == 6 + 2 + 3  # title, text, head (with blanks), 2 + 3 rows
     if importlib.util.find_spec("matplotlib"):
         assert stem.with_suffix(".png").stat().st_size > 0
 
@@ -94,6 +96,12 @@ def test_command_line() -> None:
     assert {c.compile for c in configs} == {"eager"}
     with pytest.raises(ValueError, match="layout"):
         throughput.Config(layout="nhcw")
+    _, configs, _ = throughput.parse_args(["--rows", "default/nhwc/fp16/masked/nvjpeg"])
+    assert configs == [throughput.Config("default", "nhwc", "fp16", "masked", "nvjpeg")]
+    for bad in (["--rows", "eager/nhwc"], ["--rows", "eager/nhwc/off/dense/png"]):
+        with pytest.raises(SystemExit) as exit_info:
+            throughput.parse_args(bad)
+        assert exit_info.value.code == 2
 
 
 def test_gpu_peak_table() -> None:
