@@ -217,6 +217,12 @@ class PruneStage:
         max=0.999,
     )
     setting: str = opt("", "structured: a named PFEC setting instead of fraction (e.g. A, B)")
+    round_to: int = opt(
+        1,
+        "structured: round each conv's kept filters to the nearest multiple of this; 8 or 16 "
+        "suit GPU tensor cores, 1 keeps the paper's counts",
+        min=1,
+    )
     include_linear: bool = opt(False, "unstructured: prune the final linear layer too")
     exclude_first: bool = opt(False, "unstructured: leave the first conv dense")
     exclude_downsample: bool = opt(False, "unstructured: leave the ResNet shortcut convs dense")

@@ -186,7 +186,12 @@ def run_prune(ctx: Context, stage: PruneStage, index: int, resume: dict | None) 
         amount = stage.setting or stage.fraction
         try:
             prune.structured_prune_(
-                ctx.model, ctx.arch["name"], stage.method, amount, generator=generator
+                ctx.model,
+                ctx.arch["name"],
+                stage.method,
+                amount,
+                generator=generator,
+                round_to=stage.round_to,
             )
         except ValueError as e:
             raise UserError(f"recipe key 'stages.{index}.prune': {e}") from None

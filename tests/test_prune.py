@@ -235,6 +235,24 @@ def test_surgery_preserves_outputs(arch, method, fraction, size):
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_round_to_keeps_gpu_friendly_widths():
+    """ResNet-50 with 30% of its inner filters removed keeps 44/89/179/358; rounded to 8,
+    48/88/176/360, and the surgery still fits."""
+    plain = _model("resnet50")
+    structured_prune_(plain, "resnet50", "l1_filter", 0.3)
+    assert [plain.get_submodule(f"layer{i}")[0].conv1.out_channels for i in range(1, 5)] == [
+        44, 89, 179, 358,
+    ]  # fmt: skip
+    model = _model("resnet50")
+    keep = structured_prune_(model, "resnet50", "l1_filter", 0.3, round_to=8)
+    widths = [model.get_submodule(f"layer{i}")[0].conv1.out_channels for i in range(1, 5)]
+    assert widths == [48, 88, 176, 360]
+    assert all(len(idx) % 8 == 0 for idx in keep.values())
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(ValueError, match="round_to"):
+        select_filters(_model("resnet20"), "resnet20", "l1_filter", 0.3, round_to=0)
+
+
 def test_resnet_inner_convs_only_and_bottleneck_shares_fraction():
     model = _model("resnet50")
     keep = structured_prune_(model, "resnet50", "l1_filter", [0.5, 0.25, 0.5, 0.75])

@@ -95,9 +95,11 @@ def test_train_prune_retrain(tmp_path, demo_root):
 
 
 def test_structured_pruning_rebuilds_at_reduced_width(tmp_path, demo_root):
+    """40% of filters removed, kept counts rounded to multiples of 8: 16/32/64 -> 9/19/38 ->
+    8/16/40."""
     stages = [
         {"train": {"epochs": 1}},
-        {"prune": {"method": "l1_filter", "fraction": 0.5}},
+        {"prune": {"method": "l1_filter", "fraction": 0.4, "round_to": 8}},
         {"retrain": {"variant": "clr", "epochs": 1}},
     ]
     recipe = tiny_recipe(
@@ -113,6 +115,7 @@ def test_structured_pruning_rebuilds_at_reduced_width(tmp_path, demo_root):
     pruned = load_model(tmp_path / "run" / "checkpoints" / "stage2-retrain.pt")
     assert pruned.layer1[0].conv1.out_channels == 8 and pruned.layer1[0].conv2.in_channels == 8
     assert pruned.layer1[0].conv2.out_channels == 16  # the residual stream keeps its width
+    assert pruned.layer2[1].conv1.out_channels == 16 and pruned.layer3[2].conv1.out_channels == 40
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dense.parameters())
     assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     # clr: one-cycle momentum is applied per step; the LR rises then falls

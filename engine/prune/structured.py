@@ -106,6 +106,15 @@ def _widths(
     return [_kept(c, fraction) for c in n]
 
 
+def _rounded(k: int, n: int, multiple: int) -> int:
+    """k rounded to the nearest multiple of `multiple` (halves up), at least one multiple; past
+    n, the largest multiple below n (n itself if there is none)."""
+    if multiple <= 1:
+        return k
+    nearest = max(multiple, (2 * k + multiple) // (2 * multiple) * multiple)
+    return nearest if nearest <= n else (n // multiple * multiple or n)
+
+
 def select_filters(
     model: nn.Module,
     arch: str,
@@ -113,20 +122,26 @@ def select_filters(
     fraction: float | Sequence[float] | str,
     *,
     generator: torch.Generator | None = None,
+    round_to: int = 1,
 ) -> dict[str, Tensor]:
     """Ascending indices of the filters to keep, per conv that loses any, all ranked on the
     unpruned model (PFEC's "independent" strategy). `fraction` is one fraction for every
     prunable conv, one per stage (ResNets: 3 for CIFAR, 4 for ImageNet) or per conv (VGG,
     convnet_tiny), or a setting name from `settings.SETTINGS`; `generator` drives random_filter.
+    `round_to` > 1 rounds each kept count to its nearest multiple: GPU convolutions run slower
+    at other widths (on an H200, ResNet-50 keeping 44/89/179 filters trained at 0.77x dense).
     """
     if method not in STRUCTURED:
         raise ValueError(f"unknown structured method {method!r} (allowed: {STRUCTURED})")
+    if round_to < 1:
+        raise ValueError(f"round_to must be at least 1, got {round_to}")
     units = _units(model, arch)
     keep: dict[str, Tensor] = {}
     for u, k in zip(units, _widths(model, arch, units, fraction), strict=True):
         w = model.get_submodule(u.conv).weight.detach()
         if not 1 <= k <= len(w):
             raise ValueError(f"cannot keep {k} of the {len(w)} filters of {u.conv}")
+        k = _rounded(k, len(w), round_to)
         if k == len(w):
             continue
         if method == "l1_filter":
@@ -159,9 +174,10 @@ def structured_prune_(
     fraction: float | Sequence[float] | str,
     *,
     generator: torch.Generator | None = None,
+    round_to: int = 1,
 ) -> dict[str, Tensor]:
     """Select filters and remove the rest in place; returns the kept indices per pruned conv.
     Parameters are new objects afterwards: build the optimizer (and masks) after this."""
-    keep = select_filters(model, arch, method, fraction, generator=generator)
+    keep = select_filters(model, arch, method, fraction, generator=generator, round_to=round_to)
     remove_filters_(model, arch, keep)
     return keep
