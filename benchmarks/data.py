@@ -112,7 +112,7 @@ def measure(root: Path, backend: str, decode: str, args, device: torch.device) -
 
 def pipelines(device: torch.device) -> list[tuple[str, str, str]]:
     """(name, backend, decode) of every pipeline that runs on this device."""
-    rows = [("torch DataLoader, PIL decode", "torch", "cpu")]
+    rows = [("torch DataLoader, decode in the workers", "torch", "cpu")]
     if device.type == "cuda":
         rows.append(("torch, nvJPEG decode in the main process", "torch", "gpu"))
     if dali_installed():

@@ -62,7 +62,7 @@ class DataConfig:
     )
     decode: str = opt(
         "auto",
-        "torch backend JPEG decoding: cpu (PIL in the workers), gpu (workers read bytes, the "
+        "torch backend JPEG decoding: cpu (in the workers), gpu (workers read bytes, the "
         "main process decodes, crops and normalises on the device), auto (gpu on CUDA with under 8 "
         "workers, else cpu)",
         choices=("auto", "cpu", "gpu"),

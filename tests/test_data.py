@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
 import engine.data
 from engine import config as recipe
 from engine.config import DataConfig, ProgressiveConfig
 from engine.data import build_loaders, demo, train_image_size
+from engine.data.decode import Encoded, read_encoded
 from engine.data.folder import MEAN, STD, FolderTrainLoader, FolderValLoader
 from engine.distributed import Dist
 from engine.errors import UserError
@@ -154,16 +156,17 @@ def test_torch_batches(demo_root, channels_last):
 
 
 def test_val_samples_and_labels(demo_root):
-    """Val batches are the ImageFolder samples in order, with the reference transform."""
+    """Val batches are the ImageFolder samples in order, with the reference transform:
+    torchvision's decoder and its antialiased resize of uint8 tensors, then the center crop."""
     _, val = loaders(demo_root, val_batch_size=5, image_size=24)
     images = torch.cat([b[0] for b in val])
     labels = torch.cat([b[1] for b in val])
-    ref = T.Compose([T.Resize(27), T.CenterCrop(24), T.ToTensor(), T.Normalize(MEAN, STD)])
+    resize = v2.Compose([v2.Resize(27, antialias=True), v2.CenterCrop(24)])
     expected, expected_labels = [], []
     for k, folder in enumerate(sorted((demo_root / "val").iterdir())):
         for f in sorted(folder.iterdir()):
-            with Image.open(f) as im:
-                expected.append(ref(im.convert("RGB")))
+            pixels = resize(decode_image(str(f), mode=ImageReadMode.RGB)).float() / 255
+            expected.append(v2.functional.normalize(pixels, MEAN, STD))
             expected_labels.append(k)
     assert labels.tolist() == expected_labels
     torch.testing.assert_close(images, torch.stack(expected), atol=1e-5, rtol=0)
@@ -300,7 +303,7 @@ def test_auto_decode_prefers_enough_cpu_workers(monkeypatch):
     about 9 workers on, PIL workers feed an H200 faster than the main process's nvJPEG)."""
     from engine.data import folder
 
-    monkeypatch.setattr(folder.gd, "nvjpeg_works", lambda device: True)
+    monkeypatch.setattr(folder.decode, "nvjpeg_works", lambda device: True)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert not folder.device_decoding("auto", cuda, folder.AUTO_GPU_DECODE_BELOW_WORKERS)
     assert folder.device_decoding("auto", cuda, folder.AUTO_GPU_DECODE_BELOW_WORKERS - 1)
@@ -436,28 +439,26 @@ def test_synthetic(channels_last):
 
 
 class _Pixels:
-    """A dataset `read` that returns given images by path (a class: workers may pickle it)."""
+    """A dataset `read` that returns given decoded images by path (a class: workers pickle it)."""
 
-    def __init__(self, images: dict[str, Image.Image]) -> None:
+    def __init__(self, images: dict[str, Encoded]) -> None:
         self.images = images
 
-    def __call__(self, path: str) -> Image.Image:
+    def __call__(self, path: str) -> Encoded:
         return self.images[path]
 
 
 def _nvjpeg_pixels(paths: list[str], device: torch.device) -> _Pixels:
     """Each file as decode=gpu sees it: nvJPEG's pixels (PIL's for files nvJPEG cannot take)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from engine.data import gpu_decode
+    from torchvision.io import decode_jpeg
 
     images = {}
     for path in paths:
-        enc = gpu_decode.read_encoded(path)
-        chw = enc.data
-        if chw.dim() == 1:  # JPEG bytes
-            chw = decode_jpeg(chw, mode=ImageReadMode.RGB, device=device).cpu()
-        images[path] = Image.fromarray(chw.permute(1, 2, 0).numpy())
+        enc = read_encoded(path)
+        if enc.data.dim() == 1:  # JPEG bytes
+            pixels = decode_jpeg(enc.data, mode=ImageReadMode.RGB, device=device).cpu()
+            enc = Encoded(pixels, enc.height, enc.width)
+        images[path] = enc
     return _Pixels(images)
 
 

@@ -2,7 +2,7 @@
 
 - `synthetic`: one random batch made on the device, yielded every step (measures the model);
 - `torch`: torchvision ImageFolder + DataLoader, decoding JPEGs on the CPU or the GPU
-  (engine/data/folder.py, gpu_decode.py);
+  (engine/data/folder.py, decode.py);
 - `dali`: NVIDIA DALI, decoding on the GPU (`mixed`) or, without CUDA, on the CPU
   (engine/data/dali.py); without DALI installed, the torch backend stands in (said once).
 

@@ -40,8 +40,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from engine.config import DataConfig
 from engine.data import train_image_size, val_resize
+from engine.data.decode import RATIO
 from engine.data.folder import MEAN, STD, check_root, samples
-from engine.data.gpu_decode import RATIO
 from engine.data.images import readable
 from engine.distributed import Dist
 from engine.errors import UserError

@@ -1,9 +1,10 @@
 """The `torch` backend: ImageFolder + DataLoader, decoding on the CPU or on the GPU.
 
 The work is split in two halves:
-- host (DataLoader workers): with `data.decode: cpu`, `host_transform` decodes with PIL, crops
-  and flips, and returns HWC uint8, so a batch crosses to the device at a quarter of float32's
-  size; with `gpu`, the workers only read the file bytes and draw the crop (gpu_decode.py);
+- host (DataLoader workers): every file is read and its crop and flip drawn the same way
+  (decode.py); with `data.decode: cpu` the workers also decode, crop and resize, and return
+  HWC uint8, so a batch crosses to the device at a quarter of float32's size; with `gpu` they
+  send the file bytes and the plan;
 - device (main process, prefetched on a side stream on CUDA, prefetch.py): the copy, and for
   `gpu` nvJPEG decoding, crop and resize; then uint8 -> float, ImageNet normalisation, the
   autocast dtype and the memory format (NHWC is free: it is the host layout).
@@ -20,17 +21,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataloader import default_collate
-from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from engine.config import DataConfig
-from engine.data import epoch_seed, prefetch, say_once, train_image_size, val_resize
-from engine.data import gpu_decode as gd
-from engine.data.images import load_rgb
+from engine.data import decode, epoch_seed, prefetch, say_once, train_image_size, val_resize
 from engine.distributed import Dist
 from engine.errors import UserError
 
@@ -63,8 +60,9 @@ def build(
 
 # `decode: auto` decodes on the device only with fewer workers than this. Measured on an H200
 # machine with 16 CPUs (benchmarks/results/20261127-nvidia-h200): ResNet-50 eager bf16 trained
-# at 2,271 img/s with nvJPEG in the main process and 4,166 img/s with 16 PIL workers, about 260
-# img/s per worker, so workers win from about 9 on.
+# at 2,271 img/s with nvJPEG in the main process and 4,166 img/s with 16 workers decoding with
+# PIL, about 260 img/s per worker, so workers win from about 9 on (and the workers' torchvision
+# decoding since then is faster).
 AUTO_GPU_DECODE_BELOW_WORKERS = 8
 
 
@@ -76,7 +74,7 @@ def device_decoding(choice: str, device: torch.device, workers: int) -> bool:
         return False
     if choice == "auto" and workers >= AUTO_GPU_DECODE_BELOW_WORKERS:
         return False
-    if gd.nvjpeg_works(device):
+    if decode.nvjpeg_works(device):
         return True
     if choice == "gpu":
         raise UserError(
@@ -121,30 +119,11 @@ def samples(folder: Path) -> list[tuple[str, int]]:
         return ImageFolder(str(folder)).samples
 
 
-def host_transform(cfg: DataConfig, *, train: bool, size: int | None = None) -> Callable:
-    """PIL image -> cropped (and for training flipped) HWC uint8 tensor of `size` (default
-    data.image_size)."""
-    size = size or cfg.image_size
-    if train:
-        geometry = [
-            T.RandomResizedCrop(size, scale=(cfg.min_crop_scale, 1.0), ratio=gd.RATIO),
-            T.RandomHorizontalFlip(),
-        ]
-    else:
-        geometry = [T.Resize(val_resize(cfg)), T.CenterCrop(size)]
-    return T.Compose([*geometry, to_hwc_uint8])
-
-
-def to_hwc_uint8(image) -> torch.Tensor:
-    """PIL RGB image -> HWC uint8 tensor (a module-level function: workers pickle it)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
-
-
 class Images(ImageFolder):
     """ImageFolder whose items survive bad files and carry what the device half needs.
 
     Items: `(hwc_uint8, label, bad)` when decoding on the CPU; `(data, plan, flip, label, bad,
-    index)` when decoding on the device (gpu_decode.py). `bad` is the index of the unreadable
+    index)` when decoding on the device (decode.py). `bad` is the index of the unreadable
     file this item replaces, or -1.
     """
 
@@ -152,22 +131,22 @@ class Images(ImageFolder):
         with _user_error():
             super().__init__(str(folder))
         self.cfg, self.train, self.on_device = cfg, train, on_device
-        self.read: Callable = gd.read_encoded if on_device else load_rgb
+        self.read: Callable = decode.read_encoded if on_device else decode.read_decoded
         self.set_size(cfg.image_size)
 
     def set_size(self, size: int) -> None:
-        """Output size of the host transform (the device half resizes in the gpu mode)."""
-        if self.on_device:
-            resize = val_resize(self.cfg)
-            self.transform = gd.CropParams(
-                train=self.train, size=size, resize=resize, min_scale=self.cfg.min_crop_scale
-            )
-        else:
-            self.transform = host_transform(self.cfg, train=self.train, size=size)
+        """Output size (the crops drawn for it; the device half resizes in the gpu mode)."""
+        self.size = size
+        self.transform = decode.CropParams(
+            train=self.train,
+            size=size,
+            resize=val_resize(self.cfg),
+            min_scale=self.cfg.min_crop_scale,
+        )
 
     def collate(self, items: list[tuple]) -> tuple:
         """Items -> a batch (the device-decoding items keep their own sizes)."""
-        return gd.collate(items) if self.on_device else default_collate(items)
+        return decode.collate(items) if self.on_device else default_collate(items)
 
     def __getitem__(self, index: int) -> tuple:
         return self.item(index, self.read)
@@ -182,9 +161,10 @@ class Images(ImageFolder):
             except Exception:  # decoders raise many types on bad data; all mean "unreadable"
                 continue
             bad = index if offset else -1
+            data, plan, flip = self.transform(image)
             if self.on_device:
-                return (*self.transform(image), label, bad, index)
-            return self.transform(image), label, bad
+                return data, plan, flip, label, bad, index
+            return decode.crop_on_host(data, plan, flip, self.size), label, bad
         raise RuntimeError(f"no readable image in {self.root}")
 
     def redo_on_cpu(self, index: int) -> tuple:
@@ -192,7 +172,7 @@ class Images(ImageFolder):
         for an image that nvJPEG refused in the main process."""
         state = torch.Generator().manual_seed(index).get_state()
         with _SwappedRng(state):
-            return self.item(index, functools.partial(gd.read_encoded, on_cpu=True))
+            return self.item(index, functools.partial(decode.read_encoded, on_cpu=True))
 
 
 class DeviceBatcher:
@@ -230,7 +210,7 @@ class _Loader:
         self.dataset, self.device = dataset, batcher.device
         self.bad: set[int] = set()
         self.prepare: Callable[[tuple, int], Batch] = (
-            gd.DeviceDecoder(batcher, dataset.redo_on_cpu, self._note_bad)
+            decode.DeviceDecoder(batcher, dataset.redo_on_cpu, self._note_bad)
             if dataset.on_device
             else batcher
         )

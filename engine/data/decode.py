@@ -1,11 +1,14 @@
-"""GPU JPEG decoding for the torch backend (`data.decode: gpu`).
+"""Decoding and cropping for the torch backend, in the workers or on the GPU.
 
-DataLoader workers only read each file and plan its crop and flip, from the same random
-draws, in the same order, as the CPU path's RandomResizedCrop and RandomHorizontalFlip.
-The main process decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on the device),
-then crops, resizes, flips and normalises it there. `resized_crops` runs on CPU tensors too, so
-the tests check it against the CPU path. Files nvJPEG cannot take as they are (PNG, CMYK,
-EXIF-rotated, cut short) are decoded by PIL in the worker and travel as pixels.
+Both `data.decode` modes read a file the same way (`read_encoded`: the JPEG bytes, or PIL's
+pixels for files nvJPEG cannot take as they are: PNG, CMYK, EXIF-rotated, cut short) and draw
+its crop and flip the same way (`CropParams`, torchvision's RandomResizedCrop and
+RandomHorizontalFlip draws in their order). Then:
+- `cpu`: the worker decodes with torchvision (libjpeg-turbo; `read_decoded`), crops and resizes
+  on uint8 (`crop_on_host`) and sends size x size HWC uint8;
+- `gpu`: the worker sends the bytes and the plan; the main process decodes the batch with
+  nvJPEG, then crops, resizes (`resized_crops`, float), flips and normalises on the device.
+`resized_crops` runs on CPU tensors too, so the tests check the two modes against each other.
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ def read_encoded(path: str, *, on_cpu: bool = False) -> Encoded:
     return Encoded(pixels, pixels.shape[1], pixels.shape[2])
 
 
+def read_decoded(path: str) -> Encoded:
+    """Read and decode `path` here, to CHW uint8 pixels: torchvision's libjpeg-turbo (faster
+    than PIL's decode and resize) for the JPEGs `read_encoded` passes on, PIL for the rest.
+    Raises if the file cannot be read."""
+    image = read_encoded(path)
+    if image.data.dim() == 1:  # JPEG bytes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io -> TorchCodec
+            pixels = decode_jpeg(image.data, mode=ImageReadMode.RGB)
+        image = Encoded(pixels, image.height, image.width)
+    return image
+
+
 class CropParams:
     """Encoded image -> (data, plan, flip). The plan (8 ints) says how to make the output:
     crop (top, left, height, width) of the image, resize that to (height, width), then take the
@@ -84,6 +100,25 @@ def _resized(height: int, width: int, shorter: int) -> tuple[int, int]:
     return int(shorter * height / width), shorter
 
 
+def _window(image: torch.Tensor, plan: list[int], flip: bool, size: int, *, exact: bool):
+    """CHW uint8 `image` cropped, resized (bilinear, antialiased) and cut to size x size as
+    `plan` says (CropParams), mirrored if `flip`: in float32 when `exact`, else in uint8 (CPU
+    only; rounded, about twice as fast)."""
+    top, left, h, w, rh, rw, y, x = plan
+    crop = image[None, :, top : top + h, left : left + w]
+    if exact:
+        crop = crop.float()
+    resized = F.interpolate(crop, size=(rh, rw), mode="bilinear", antialias=True)
+    window = resized[0, :, y : y + size, x : x + size]
+    return window.flip(-1) if flip else window
+
+
+def crop_on_host(image: torch.Tensor, plan: torch.Tensor, flip: bool, size: int) -> torch.Tensor:
+    """What a worker sends in the cpu mode: the planned window of a CHW uint8 image as HWC
+    uint8 (a quarter of float32's bytes to the device, NHWC for free)."""
+    return _window(image, plan.tolist(), flip, size, exact=False).permute(1, 2, 0).contiguous()
+
+
 def resized_crops(
     images: list[torch.Tensor],
     plans: torch.Tensor,
@@ -91,21 +126,16 @@ def resized_crops(
     size: int,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
-    """Each CHW uint8 image cropped, resized (bilinear, antialiased: what PIL does for the CPU
-    path) and cut to size x size as its plan says (CropParams), mirrored where asked: a float32
-    batch in [0, 255] on the images' device. `plans` (B, 8) and `flips` (B,) are CPU tensors,
-    so reading them is no sync."""
+    """Each CHW uint8 image's planned window (`_window`, in float32): a float32 batch in
+    [0, 255] on the images' device. `plans` (B, 8) and `flips` (B,) are CPU tensors, so
+    reading them is no sync."""
     out = torch.empty(
         (len(images), 3, size, size), device=images[0].device, memory_format=memory_format
     )
     for i, (image, plan, flip) in enumerate(
         zip(images, plans.tolist(), flips.tolist(), strict=True)
     ):
-        top, left, h, w, rh, rw, y, x = plan
-        crop = image[None, :, top : top + h, left : left + w].float()
-        resized = F.interpolate(crop, size=(rh, rw), mode="bilinear", antialias=True)
-        window = resized[0, :, y : y + size, x : x + size]
-        out[i] = window.flip(-1) if flip else window
+        out[i] = _window(image, plan, flip, size, exact=True)
     return out
 
 
