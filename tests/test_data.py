@@ -155,6 +155,7 @@ def test_torch_batches(demo_root, channels_last):
     assert [len(b[1]) for b in val] == [7, 5]  # 12 val images, last batch kept
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 def test_val_samples_and_labels(demo_root):
     """Val batches are the ImageFolder samples in order, with the reference transform:
     torchvision's decoder and its antialiased resize of uint8 tensors, then the center crop."""
