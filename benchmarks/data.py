@@ -110,6 +110,45 @@ def measure(root: Path, backend: str, decode: str, args, device: torch.device) -
     }
 
 
+def per_image_ms(root: Path, size: int, resize: int) -> dict:
+    """Milliseconds per image on one core, train and val, over up to 64 of the root's files (best
+    of 3 passes): the usual PIL pipeline (PIL decode, torchvision's PIL transforms) beside the
+    engine's worker path (decode.read_decoded, CropParams, crop_on_host)."""
+    from torchvision import transforms as T
+
+    from engine.data import decode
+    from engine.data.images import load_rgb
+
+    files = sorted(str(f) for f in (root / "train").rglob("*") if f.is_file())[:64]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for split, train in (("train", True), ("val", False)):
+        usual = T.Compose(
+            [T.RandomResizedCrop(size, ratio=decode.RATIO), T.RandomHorizontalFlip()]
+            if train
+            else [T.Resize(resize), T.CenterCrop(size)]
+        )
+        plan = decode.CropParams(train=train, size=size, resize=resize, min_scale=0.08)
+
+        def pil(path: str, usual: T.Compose = usual) -> None:
+            np.array(usual(load_rgb(path)), dtype=np.uint8)
+
+        def engine(path: str, plan: decode.CropParams = plan) -> None:
+            decode.crop_on_host(*plan(decode.read_decoded(path)), size)
+
+        for name, one in (("pil", pil), ("engine", engine)):
+            passes = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for path in files:
+                    one(path)
+                passes.append((time.perf_counter() - start) / len(files) * 1e3)
+            out[f"{split} {name}"] = min(passes)
+    torch.set_num_threads(threads)
+    return out
+
+
 def pipelines(device: torch.device) -> list[tuple[str, str, str]]:
     """(name, backend, decode) of every pipeline that runs on this device."""
     rows = [("torch DataLoader, decode in the workers", "torch", "cpu")]
@@ -161,6 +200,10 @@ def main() -> None:
             prep_seconds = time.perf_counter() - start
             roots[f"prepared {args.max_side} px"] = prepared
         files = {name: _files(root) for name, root in roots.items()}
+        resize = round(args.image_size * 256 / 224)
+        per_image = {
+            name: per_image_ms(root, args.image_size, resize) for name, root in roots.items()
+        }
         for root in roots.values():
             if root != args.root:
                 link_up(root, entries)
@@ -187,6 +230,7 @@ def main() -> None:
         "entries_per_split": None if args.root else entries,
         "prepare_seconds": prep_seconds,
         "images_per_s": rates,
+        "per_image_ms_one_core": per_image,
     }
     lines = [
         f"Input pipelines alone: images/s, batch {args.batch_size}, {args.image_size} px crops, "
@@ -204,6 +248,20 @@ def main() -> None:
     lines += [
         f"| {name} | {f['files']} | {f['mean_kB']:.1f} kB | {f['size'][0]}x{f['size'][1]} |"
         for name, f in files.items()
+    ]
+    lines += [
+        "",
+        "Per image on one core (ms): PIL decode + torchvision's PIL transforms, the usual way,",
+        "beside the engine's workers (torchvision decode, the crop on uint8 tensors)",
+        "",
+        "| files | split | PIL + transforms | engine | speed-up |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {split} | {ms[f'{split} pil']:.2f} | {ms[f'{split} engine']:.2f} "
+        f"| {ms[f'{split} pil'] / ms[f'{split} engine']:.2f}x |"
+        for name, ms in per_image.items()
+        for split in ("train", "val")
     ]
     if prep_seconds is not None:
         lines += ["", f"prepare ({args.threads} workers): {prep_seconds:.1f} s"]
