@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
 from benchmarks.common import device_name, version, write_results  # noqa: E402
 from engine.config import DataConfig  # noqa: E402
-from engine.data import build_loaders, dali_installed, prepare  # noqa: E402
+from engine.data import build_loaders, dali_installed, decode, prepare  # noqa: E402
+from engine.data.images import load_rgb  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
 
 CLASSES = 10
@@ -84,11 +86,11 @@ def images_per_second(loader, skip: int, device: torch.device, train: bool) -> f
     return count / (time.perf_counter() - start)
 
 
-def measure(root: Path, backend: str, decode: str, args, device: torch.device) -> dict:
+def measure(root: Path, backend: str, mode: str, args, device: torch.device) -> dict:
     cfg = DataConfig(
         backend=backend,
         root=str(root),
-        decode=decode,
+        decode=mode,
         batch_size=args.batch_size,
         image_size=args.image_size,
         workers=args.threads,
@@ -114,11 +116,6 @@ def per_image_ms(root: Path, size: int, resize: int) -> dict:
     """Milliseconds per image on one core, train and val, over up to 64 of the root's files (best
     of 3 passes): the usual PIL pipeline (PIL decode, torchvision's PIL transforms) beside the
     engine's worker path (decode.read_decoded, CropParams, crop_on_host)."""
-    from torchvision import transforms as T
-
-    from engine.data import decode
-    from engine.data.images import load_rgb
-
     files = sorted(str(f) for f in (root / "train").rglob("*") if f.is_file())[:64]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -150,7 +147,7 @@ def per_image_ms(root: Path, size: int, resize: int) -> dict:
 
 
 def pipelines(device: torch.device) -> list[tuple[str, str, str]]:
-    """(name, backend, decode) of every pipeline that runs on this device."""
+    """(name, backend, data.decode mode) of every pipeline that runs on this device."""
     rows = [("torch DataLoader, decode in the workers", "torch", "cpu")]
     if device.type == "cuda":
         rows.append(("torch, nvJPEG decode in the main process", "torch", "gpu"))
@@ -208,8 +205,8 @@ def main() -> None:
             if root != args.root:
                 link_up(root, entries)
         rates = {
-            f"{name} | {data}": measure(root, backend, decode, args, device)
-            for name, backend, decode in pipelines(device)
+            f"{name} | {data}": measure(root, backend, mode, args, device)
+            for name, backend, mode in pipelines(device)
             for data, root in roots.items()
         }
 

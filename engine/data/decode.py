@@ -42,8 +42,9 @@ class Encoded:
 
 
 def read_encoded(path: str, *, on_cpu: bool = False) -> Encoded:
-    """Read `path` for device decoding; `on_cpu` (or a file nvJPEG cannot take) decodes it here.
-    Raises if the file cannot be read."""
+    """Read `path`: the JPEG bytes when nvJPEG (and so torchvision's CPU decoder) can take them
+    as they are, else PIL's pixels, as for every file when `on_cpu`. Raises if the file cannot be
+    read."""
     raw = Path(path).read_bytes()
     size = None
     if not on_cpu:
