@@ -104,11 +104,11 @@ def _resized(height: int, width: int, shorter: int) -> tuple[int, int]:
 def _window(image: torch.Tensor, plan: list[int], flip: bool, size: int, *, exact: bool):
     """CHW uint8 `image` cropped, resized (bilinear, antialiased) and cut to size x size as
     `plan` says (CropParams), mirrored if `flip`: in float32 when `exact`, else in uint8 (CPU
-    only; rounded, about twice as fast)."""
+    only; rounded, about twice as fast) and in NHWC memory, the only layout torch's uint8
+    antialiased resize vectorises (3.8x faster on a 300 x 250 crop, same pixels)."""
     top, left, h, w, rh, rw, y, x = plan
     crop = image[None, :, top : top + h, left : left + w]
-    if exact:
-        crop = crop.float()
+    crop = crop.float() if exact else crop.contiguous(memory_format=torch.channels_last)
     resized = F.interpolate(crop, size=(rh, rw), mode="bilinear", antialias=True)
     window = resized[0, :, y : y + size, x : x + size]
     return window.flip(-1) if flip else window
@@ -116,7 +116,8 @@ def _window(image: torch.Tensor, plan: list[int], flip: bool, size: int, *, exac
 
 def crop_on_host(image: torch.Tensor, plan: torch.Tensor, flip: bool, size: int) -> torch.Tensor:
     """What a worker sends in the cpu mode: the planned window of a CHW uint8 image as HWC
-    uint8 (a quarter of float32's bytes to the device, NHWC for free)."""
+    uint8 (a quarter of float32's bytes to the device, NHWC for free; the resize leaves the
+    window in HWC memory, so a train crop needs no copy here)."""
     return _window(image, plan.tolist(), flip, size, exact=False).permute(1, 2, 0).contiguous()
 
 
