@@ -35,7 +35,7 @@ if not __package__:  # run as a file: import from the repo root, not from benchm
 from benchmarks import baseline, common  # noqa: E402
 from engine import optim, prune, train  # noqa: E402
 from engine.config import DataConfig, OptimConfig, PrecisionConfig  # noqa: E402
-from engine.data import build_loaders  # noqa: E402
+from engine.data import build_loaders, prepare  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.run import set_determinism  # noqa: E402
@@ -51,11 +51,13 @@ AXES = {
     "layout": ("nhwc", "nchw"),
     "amp": ("bf16", "fp16", "off"),
     "weights": ("dense", "masked"),
-    "data": ("synthetic", "jpeg", "nvjpeg"),
+    "data": ("synthetic", "jpeg", "jpeg256", "nvjpeg"),
 }
-# The baseline each data kind is compared with: nvjpeg rows (the engine's `decode: gpu`) against
-# the loop a typical user writes, which decodes JPEGs on the CPU.
-BASELINE_DATA = {"synthetic": "synthetic", "jpeg": "jpeg", "nvjpeg": "jpeg"}
+# The baseline each data kind is compared with: jpeg256 rows (the engine's workers on the copy
+# that `python -m engine.data.prepare --max-side 256` writes) and nvjpeg rows (the engine's
+# `decode: gpu`) against the loop a typical user writes, which decodes full-size JPEGs on the CPU.
+BASELINE_DATA = {"synthetic": "synthetic", "jpeg": "jpeg", "jpeg256": "jpeg", "nvjpeg": "jpeg"}
+PREPARED_SIDE = {"jpeg256": 256}
 SPARSITY = 0.8
 LR = 0.1
 JPEG_CLASSES = 10
@@ -107,8 +109,10 @@ PRESETS = {
         "eager/nhwc/bf16/masked/synthetic",
         "default/nhwc/bf16/dense/synthetic",
         "default/nhwc/bf16/masked/synthetic",
-        "eager/nhwc/bf16/dense/nvjpeg",
+        "default/nhwc/bf16/dense/jpeg",
+        "default/nhwc/bf16/dense/jpeg256",
         "eager/nhwc/bf16/dense/jpeg",
+        "eager/nhwc/bf16/dense/nvjpeg",
         "default/nhwc/fp16/dense/synthetic",
         "eager/nhwc/fp16/dense/synthetic",
         "eager/nchw/off/dense/synthetic",
@@ -136,13 +140,26 @@ class Options:
     repeats: int = _opt(5, "timed windows; the table shows their median and spread")
     steps: int = _opt(6, "steps per timed window")
     workers: int = _opt(min(16, os.cpu_count() or 1), "DataLoader workers of the jpeg rows")
-    jpeg_root: str = _opt("", "folder for the generated JPEGs (default: in the temp dir)")
+    jpeg_root: str = _opt("", "folder for the generated JPEG folders (default: the temp dir)")
     budget_s: float = _opt(0.0, "if > 0, start no row after this many seconds")
     threads: int = _opt(0, "if > 0, torch.set_num_threads (1 is repeatable on a busy CPU)")
 
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.repeats * self.steps
+    def windows(self, data: str) -> dict[str, int]:
+        """warmup, repeats and steps of a row reading `data`. Rows reading files warm up past the
+        workers' start-up burst (2 x workers + 1 batches: each worker holds two), and each timed
+        window spans at least one batch from every worker, so that batches arriving in rounds
+        do not make windows alternately fast and slow."""
+        if data == "synthetic":
+            return dict(warmup=self.warmup, repeats=self.repeats, steps=self.steps)
+        return dict(
+            warmup=max(self.warmup, 2 * self.workers + 1),
+            repeats=self.repeats,
+            steps=max(self.steps, self.workers),
+        )
+
+    def total_steps(self, data: str) -> int:
+        w = self.windows(data)
+        return w["warmup"] + w["repeats"] * w["steps"]
 
 
 QUICK = dict(
@@ -151,16 +168,19 @@ QUICK = dict(
 )  # fmt: skip
 
 
-def jpeg_folder(opts: Options) -> Path:
+def jpeg_folder(opts: Options, data: str) -> Path:
     """An ImageFolder (train/ and val/, JPEG_CLASSES classes) with enough train images for
-    one run: ImageNet-like 500x375 photos of ~100 KB for crops of 128 px and more, else
-    2x the crop. 64 distinct images are encoded; the other files are hard links to them
-    (decoding costs the same; files are read from the page cache, as with a warm dataset)."""
+    one run reading `data`: ImageNet-like 500x375 photos of ~100 KB for crops of 128 px and
+    more, else 2x the crop; for jpeg256, the copy engine.data.prepare makes of them. 64 distinct
+    images are encoded; the other files are hard links to them (decoding costs the same; files
+    are read from the page cache, as with a warm dataset)."""
     big = opts.image_size >= 128
     width, height = (500, 375) if big else (2 * opts.image_size,) * 2
-    count = (opts.total_steps + 1) * opts.batch_size
+    side = PREPARED_SIDE.get(data)
+    count = (opts.total_steps(data) + 1) * opts.batch_size
     tmp = Path(tempfile.gettempdir())
-    root = Path(opts.jpeg_root) if opts.jpeg_root else tmp / f"engine-bench-jpeg-{width}x{height}"
+    name = f"engine-bench-jpeg-{width}x{height}" + (f"-{side}px" if side else "")
+    root = Path(opts.jpeg_root) / name if opts.jpeg_root else tmp / name
     marker = root / "bench.json"
     if marker.exists():
         made = json.loads(marker.read_text())
@@ -174,6 +194,9 @@ def jpeg_folder(opts: Options) -> Path:
     sources = [root / "src" / f"{k:02d}.jpg" for k in range(64)]
     for path in sources:
         path.write_bytes(_jpeg_bytes(rng, width, height))
+    if side:
+        prepare.prepare(root / "src", root / "prepared", max_side=side)
+        sources = [root / "prepared" / path.name for path in sources]
     for split, n in (("train", count), ("val", JPEG_CLASSES)):
         for i in range(n):
             folder = root / split / f"c{i % JPEG_CLASSES:02d}"
@@ -200,15 +223,18 @@ def _jpeg_bytes(rng: np.random.Generator, width: int, height: int) -> bytes:
 
 
 def make_loader(data: str, opts: Options, dist: Dist, channels_last: bool):
-    """An engine train loader with opts.total_steps steps: synthetic or the torch backend."""
+    """An engine train loader with opts.total_steps(data) steps: synthetic or the torch
+    backend."""
     common_kw = dict(
-        steps_per_epoch=opts.total_steps, batch_size=opts.batch_size, image_size=opts.image_size
+        steps_per_epoch=opts.total_steps(data),
+        batch_size=opts.batch_size,
+        image_size=opts.image_size,
     )
     if data == "synthetic":
         cfg = DataConfig(backend="synthetic", **common_kw)
     else:  # the torch backend; nvjpeg: the workers read files, nvJPEG decodes on the device
         decode = "gpu" if data == "nvjpeg" else "cpu"
-        root = str(jpeg_folder(opts))
+        root = str(jpeg_folder(opts, data))
         cfg = DataConfig(
             backend="torch", root=root, workers=opts.workers, decode=decode, **common_kw
         )
@@ -272,14 +298,12 @@ def run_grid(opts: Options, configs: list[Config], out: Path | None = None) -> d
     report = {
         "meta": {**common.environment(device), "train_flops_per_image": flops},
         "options": {**dataclasses.asdict(opts), "sparsity": SPARSITY, "lr": LR},
+        "windows": {data: opts.windows(data) for data in AXES["data"]},
         "peaks": {},
         "baseline": {},
         "rows": [],
     }
     began = time.monotonic()
-    kw = dict(
-        warmup=opts.warmup, repeats=opts.repeats, steps=opts.steps, batch_size=opts.batch_size
-    )
     for cfg in configs:
         row: dict = {**dataclasses.asdict(cfg), "status": "ok"}
         if opts.budget_s and time.monotonic() - began > opts.budget_s:
@@ -289,10 +313,12 @@ def run_grid(opts: Options, configs: list[Config], out: Path | None = None) -> d
                 kind = BASELINE_DATA[cfg.data]
                 if kind not in report["baseline"]:
                     loader = make_loader(kind, opts, dist, channels_last=False)
+                    kw = dict(**opts.windows(kind), batch_size=opts.batch_size)
                     b = baseline.measure(opts.arch, opts.num_classes, loader, device, **kw)
                     report["baseline"][kind] = _derive(b, "off", flops, report["peaks"], device)
                     del loader  # frees its device batch before the next row's memory peak
                 torch._dynamo.reset()  # a fresh compile per row, never a silent eager fallback
+                kw = dict(**opts.windows(cfg.data), batch_size=opts.batch_size)
                 r = common.measure(lambda cfg=cfg: engine_run(cfg, opts, dist), device, **kw)
                 row.update(_derive(r, cfg.amp, flops, report["peaks"], device))
                 base = report["baseline"][kind]["img_per_s"]
@@ -324,6 +350,12 @@ def _cell(row: dict) -> str:
     return f"{row['img_per_s']:,.1f} img/s ({row['vs_baseline']:.2f}x baseline)"
 
 
+def _windows(report: dict, data: str) -> str:
+    """How rows reading `data` were timed, in words."""
+    w = report["windows"][data]
+    return f"{w['repeats']} windows x {w['steps']} steps after {w['warmup']} warm-up steps"
+
+
 def _fmt(value: float | None, spec: str) -> str:
     """`value` formatted, or "-" when there is none."""
     return "-" if value is None else format(value, spec)
@@ -341,8 +373,8 @@ def markdown(report: dict) -> str:
         f"{m['device']}",
         "",
         f"torch {m['torch']}, torchvision {m['torchvision']}, triton {m['triton']}, "
-        f"commit {m['git_commit']}, {m['date_utc']}. Median of {o['repeats']} windows x "
-        f"{o['steps']} steps after {o['warmup']} warm-up steps. "
+        f"commit {m['git_commit']}, {m['date_utc']}. Median of {_windows(report, 'synthetic')}"
+        f" (rows reading files, {o['workers']} workers: {_windows(report, 'jpeg')}). "
         f"{m['train_flops_per_image'] / 1e9:.3g} GFLOP per training image; peaks: {peaks}.",
         "",
         "| compile | layout | amp | weights | data | img/s | spread | ms/step | x baseline "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import baseline, common, throughput
 from engine.config import DataConfig
@@ -36,6 +37,7 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
         throughput.Config("eager", "nchw", "off", "dense", "synthetic"),
         throughput.Config("eager", "nhwc", "bf16", "masked", "jpeg"),
         throughput.Config("eager", "nhwc", "off", "dense", "nvjpeg"),
+        throughput.Config("eager", "nhwc", "off", "dense", "jpeg256"),
     ]
     stem = tmp_path / "out" / "tp"
     report = throughput.run_grid(opts, configs, stem)
@@ -56,9 +58,26 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     assert "| baseline loop | nchw | off | dense | jpeg |" in table
     assert "| eager | nhwc | bf16 | masked | jpeg |" in table
     assert "| eager | nhwc | off | dense | nvjpeg |" in table  # vs the jpeg baseline: no third
-    assert len(table.splitlines()) == 6 + 2 + 3  # title, text, head (with blanks), 2 + 3 rows
+    assert "| eager | nhwc | off | dense | jpeg256 |" in table
+    assert len(table.splitlines()) == 6 + 2 + 4  # title, text, head (with blanks), 2 + 4 rows
     if importlib.util.find_spec("matplotlib"):
         assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_rows_reading_files_skip_the_worker_burst_and_read_prepared_copies(tmp_path: Path):
+    """With workers, file rows warm up past 2 x workers + 1 batches and time windows of at least
+    `workers` steps; jpeg256 reads engine.data.prepare's 256 px copy of 500x375 photos."""
+    opts = throughput.Options(
+        **{**TINY, "image_size": 128, "batch_size": 2, "workers": 3}, jpeg_root=str(tmp_path)
+    )
+    assert opts.windows("synthetic") == dict(warmup=1, repeats=2, steps=2)
+    assert opts.windows("jpeg256") == dict(warmup=7, repeats=2, steps=3)
+    root = throughput.jpeg_folder(opts, "jpeg256")
+    train = sorted((root / "train").rglob("*.JPEG"))
+    assert len(train) >= (7 + 2 * 3) * 2
+    with Image.open(train[0]) as im:
+        assert im.size == (256, 192)
+    assert throughput.jpeg_folder(opts, "jpeg256") == root  # made once, then reused
 
 
 def test_failing_and_late_rows_are_reported(tmp_path: Path, monkeypatch) -> None:
