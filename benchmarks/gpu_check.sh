@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh
 #
 # Environment: PYTHON (default python3), THROUGHPUT_ARGS (more benchmarks/throughput.py flags),
-# PARTS (names of the parts to run, e.g. "kernels demo"; default all).
+# PARTS (names of the parts to run, e.g. "kernels demo"; default all but autotune, which runs
+# only when named: `PARTS=autotune bash benchmarks/gpu_check.sh`, a call of its own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -49,11 +50,12 @@ nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit --form
 
 SUMMARY=()
 FAILED=0
+DEFAULT_PARTS="gpu-tests throughput kernels data structured demo"
 
 part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the outcome
   local name=$1 limit=$2 start=$SECONDS rc status
   shift 2
-  [[ -z ${PARTS:-} || " $PARTS " == *" $name "* ]] || return 0
+  [[ " ${PARTS:-$DEFAULT_PARTS} " == *" $name "* ]] || return 0
   printf '\n=== %s (limit %ss): %s\n' "$name" "$limit" "$*" | tee -a "$LOG"
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
@@ -79,11 +81,19 @@ part kernels 30 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
 part data 40 "$PY" benchmarks/data.py --out "$RESULTS"
 part structured 45 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
 # The demo recipe end to end as users run it (torchrun, NCCL, DDP, checkpoints, the Triton
-# update in retraining), with the GPU settings; its run folder stays out of $OUT (8 files).
-demo_dir=$(mktemp -d)
+# update in retraining), with the GPU settings; its run folder stays out of $OUT.
+scratch=$(mktemp -d)  # what stays out of $OUT
+trap 'rm -rf "$scratch"' EXIT
 part demo 70 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m engine.run \
   recipes/demo.yaml precision.amp=bf16 precision.channels_last=true data.workers=8 \
-  data.root="$demo_dir/data" run.dir="$demo_dir/run"
+  data.root="$scratch/data" run.dir="$scratch/run"
+# Opt-in: torch.compile's max-autotune modes, which benchmark Triton templates for every conv
+# and matmul shape (minutes on ResNet-50; the second row reuses the first's autotuning). Its
+# table goes to the log only: the default parts already fill the 8 files a device call returns.
+# Plain compile first: the side-by-side reference. Each finished row prints its line to the log.
+part autotune 400 "$PY" benchmarks/throughput.py --out "$scratch/autotune" --rows \
+  default/nhwc/bf16/dense/synthetic max-autotune-no-cudagraphs/nhwc/bf16/dense/synthetic \
+  max-autotune/nhwc/bf16/dense/synthetic
 
 {
   printf '\n=== summary: %s, results in %s\n' "$card" "$RESULTS"

@@ -133,3 +133,41 @@ def test_gpu_peak_table() -> None:
 
 def test_gpu_check_script_parses() -> None:
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case $1 in
+  -c) echo "Fake GPU" ;;         # the CUDA probe
+  -) cat >/dev/null ;;           # the versions header
+  *) echo "ran: $*" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    ("parts", "expected"),
+    [
+        ("", ["gpu-tests", "throughput", "kernels", "data", "structured", "demo"]),
+        ("autotune", ["autotune"]),
+        ("kernels demo", ["kernels", "demo"]),
+    ],
+)
+def test_gpu_check_runs_the_parts_asked_for(tmp_path: Path, parts: str, expected: list) -> None:
+    """With a stand-in python that claims a GPU: every default part but the opt-in autotune,
+    or exactly the parts named in PARTS; each logged and summarised, exit 0 when all pass."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        env={**env, "PARTS": parts},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    headers = [line.split() for line in log.splitlines() if line.startswith("=== ")]
+    assert [h[1] for h in headers[:-1]] == expected and headers[-1][1] == "summary:"
+    summary = log.split("=== summary: Fake GPU")[1].splitlines()[1:]
+    assert [line.split()[:2] for line in summary if line] == [[n, "PASS"] for n in expected]
