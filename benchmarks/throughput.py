@@ -103,7 +103,9 @@ PRESETS = {
     ),
     # Most telling rows first, since a time budget cuts the grid from the end; the cheap eager
     # rows sit between the compiled ones (a compiled ResNet-50 costs about a minute, much less
-    # when inductor's on-disk cache already holds the same graph, as for the masked one).
+    # when inductor's on-disk cache already holds the same graph, as for the masked one). The
+    # nvjpeg row is compiled: eager (2,271 img/s on the H200) leaves the main thread, which
+    # decodes, no time to spare, while a compiled step takes little host time.
     "gpu": _grid(
         "eager/nhwc/bf16/dense/synthetic",
         "eager/nhwc/bf16/masked/synthetic",
@@ -112,7 +114,7 @@ PRESETS = {
         "default/nhwc/bf16/dense/jpeg",
         "default/nhwc/bf16/dense/jpeg256",
         "eager/nhwc/bf16/dense/jpeg",
-        "eager/nhwc/bf16/dense/nvjpeg",
+        "default/nhwc/bf16/dense/nvjpeg",
         "default/nhwc/fp16/dense/synthetic",
         "eager/nhwc/fp16/dense/synthetic",
         "eager/nchw/off/dense/synthetic",
