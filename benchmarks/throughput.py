@@ -352,6 +352,11 @@ def _cell(row: dict) -> str:
     return f"{row['img_per_s']:,.1f} img/s ({row['vs_baseline']:.2f}x baseline)"
 
 
+def _setup(row: dict) -> tuple[str, ...]:
+    """A row's settings but its data: rows alike but for the data are compared."""
+    return tuple(row[axis] for axis in AXES if axis != "data")
+
+
 def _windows(report: dict, data: str) -> str:
     """How rows reading `data` were timed, in words."""
     w = report["windows"][data]
@@ -380,20 +385,26 @@ def markdown(report: dict) -> str:
         f"{m['train_flops_per_image'] / 1e9:.3g} GFLOP per training image; peaks: {peaks}.",
         "",
         "| compile | layout | amp | weights | data | img/s | spread | ms/step | x baseline "
-        "| MFU | mem GiB | warm-up s |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| x synthetic | MFU | mem GiB | warm-up s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [({"compile": "baseline loop", "layout": "nchw", "amp": "off", "weights": "dense",
               "data": data, "status": "ok", "vs_baseline": 1.0, **r})
             for data, r in report["baseline"].items()] + report["rows"]  # fmt: skip
+    synthetic = {
+        _setup(r): r["img_per_s"] for r in rows if r["data"] == "synthetic" and r["status"] == "ok"
+    }
     for r in rows:
         head = f"| {r['compile']} | {r['layout']} | {r['amp']} | {r['weights']} | {r['data']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} |||||||")
+            lines.append(f"{head} {r['status']} ||||||||")
             continue
+        same = synthetic.get(_setup(r))
+        vs_synthetic = r["img_per_s"] / same if same and r["data"] != "synthetic" else None
         lines.append(
             f"{head} {r['img_per_s']:,.1f} | {r['spread_pct']:.1f}% | {r['step_ms']:.1f} | "
-            f"{r['vs_baseline']:.2f} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
+            f"{r['vs_baseline']:.2f} | {_fmt(vs_synthetic, '.2f')} | "
+            f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
             f"{_fmt(r['peak_mem_gib'], '.1f')} | {r['warmup_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"

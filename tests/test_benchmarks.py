@@ -34,7 +34,7 @@ def _one_thread():
 def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     opts = throughput.Options(**TINY, jpeg_root=str(tmp_path / "jpeg"))
     configs = [
-        throughput.Config("eager", "nchw", "off", "dense", "synthetic"),
+        throughput.Config("eager", "nhwc", "off", "dense", "synthetic"),
         throughput.Config("eager", "nhwc", "bf16", "masked", "jpeg"),
         throughput.Config("eager", "nhwc", "off", "dense", "nvjpeg"),
         throughput.Config("eager", "nhwc", "off", "dense", "jpeg256"),
@@ -59,6 +59,16 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     assert "| eager | nhwc | bf16 | masked | jpeg |" in table
     assert "| eager | nhwc | off | dense | nvjpeg |" in table  # vs the jpeg baseline: no third
     assert "| eager | nhwc | off | dense | jpeg256 |" in table
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[6:]]
+    vs_synthetic = {(c[0], c[4]): c[9] for c in cells}  # (compile, data) -> x synthetic
+    base = saved["baseline"]
+    rates = {r["data"]: r["img_per_s"] for r in saved["rows"] if r["weights"] == "dense"}
+    assert vs_synthetic["eager", "jpeg256"] == f"{rates['jpeg256'] / rates['synthetic']:.2f}"
+    assert vs_synthetic["eager", "nvjpeg"] == f"{rates['nvjpeg'] / rates['synthetic']:.2f}"
+    assert vs_synthetic["eager", "synthetic"] == "-"
+    assert vs_synthetic["eager", "jpeg"] == "-"  # bf16 masked: no synthetic row alike
+    ratio = base["jpeg"]["img_per_s"] / base["synthetic"]["img_per_s"]
+    assert vs_synthetic["baseline loop", "jpeg"] == f"{ratio:.2f}"
     assert len(table.splitlines()) == 6 + 2 + 4  # title, text, head (with blanks), 2 + 4 rows
     if importlib.util.find_spec("matplotlib"):
         assert stem.with_suffix(".png").stat().st_size > 0
