@@ -37,6 +37,7 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
         throughput.Config("eager", "nhwc", "off", "dense", "synthetic"),
         throughput.Config("eager", "nhwc", "bf16", "masked", "jpeg"),
         throughput.Config("eager", "nhwc", "off", "dense", "nvjpeg"),
+        throughput.Config("eager", "nhwc", "off", "dense", "nvjpeg-main"),
         throughput.Config("eager", "nhwc", "off", "dense", "jpeg256"),
     ]
     stem = tmp_path / "out" / "tp"
@@ -58,6 +59,7 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     assert "| baseline loop | nchw | off | dense | jpeg |" in table
     assert "| eager | nhwc | bf16 | masked | jpeg |" in table
     assert "| eager | nhwc | off | dense | nvjpeg |" in table  # vs the jpeg baseline: no third
+    assert "| eager | nhwc | off | dense | nvjpeg-main |" in table
     assert "| eager | nhwc | off | dense | jpeg256 |" in table
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[6:]]
     vs_synthetic = {(c[0], c[4]): c[9] for c in cells}  # (compile, data) -> x synthetic
@@ -69,7 +71,7 @@ def test_tiny_grid_writes_a_full_report(tmp_path: Path) -> None:
     assert vs_synthetic["eager", "jpeg"] == "-"  # bf16 masked: no synthetic row alike
     ratio = base["jpeg"]["img_per_s"] / base["synthetic"]["img_per_s"]
     assert vs_synthetic["baseline loop", "jpeg"] == f"{ratio:.2f}"
-    assert len(table.splitlines()) == 6 + 2 + 4  # title, text, head (with blanks), 2 + 4 rows
+    assert len(table.splitlines()) == 6 + 2 + 5  # title, text, head (with blanks), 2 + 5 rows
     if importlib.util.find_spec("matplotlib"):
         assert stem.with_suffix(".png").stat().st_size > 0
 
@@ -88,6 +90,15 @@ def test_rows_reading_files_skip_the_worker_burst_and_read_prepared_copies(tmp_p
     with Image.open(train[0]) as im:
         assert im.size == (256, 192)
     assert throughput.jpeg_folder(opts, "jpeg256") == root  # made once, then reused
+
+
+def test_nvjpeg_rows_decode_in_the_prefetch_thread_or_the_main_one(tmp_path: Path) -> None:
+    opts = throughput.Options(**TINY, jpeg_root=str(tmp_path))
+    dist = Dist(device=torch.device("cpu"))
+    threaded = throughput.make_loader("nvjpeg", opts, dist, channels_last=True)
+    main = throughput.make_loader("nvjpeg-main", opts, dist, channels_last=True)
+    assert threaded.dataset.on_device and main.dataset.on_device
+    assert threaded.prepare_in_thread and not main.prepare_in_thread
 
 
 def test_failing_and_late_rows_are_reported(tmp_path: Path, monkeypatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,86 @@ def test_gpu_decode_path_matches_the_cpu_path(demo_root, workers):
         assert (a - b).abs().mean() < 0.05 * (a - a.flip(0)).abs().mean()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_decode_in_a_thread_gives_the_same_batches(demo_root, workers):
+    """decode=gpu prepares batches in a producer thread: the same batches, in the same order, as
+    prepared in the main thread."""
+    kw = dict(decode="gpu", seed=3, workers=workers, val_batch_size=5)
+    threaded, threaded_val = loaders(demo_root, **kw)
+    inline, inline_val = loaders(demo_root, **kw)
+    assert threaded.prepare_in_thread and threaded_val.prepare_in_thread
+    inline.prepare_in_thread = inline_val.prepare_in_thread = False
+    got = epoch(threaded, 2) + list(threaded_val)
+    want = epoch(inline, 2) + list(inline_val)
+    assert [keys(b) for b in got] == [keys(b) for b in want]
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+
+
+def test_prefetch_thread_prepares_ahead_in_order():
+    """Batch i+1 is prepared, in another thread, while the consumer still holds batch i."""
+    from engine.data import prefetch
+
+    prepared = {i: threading.Event() for i in range(6)}
+    threads = set()
+
+    def prepare(i: int):
+        threads.add(threading.get_ident())
+        prepared[i].set()
+        return torch.tensor([i]), torch.tensor([10 * i])
+
+    got = []
+    batches = prefetch.to_device(range(6), prepare, torch.device("cpu"), in_thread=True)
+    for images, labels in batches:
+        i = int(images)
+        if i < 5:
+            assert prepared[i + 1].wait(timeout=10)  # nobody asked for it yet
+        got.append((i, int(labels)))
+    assert got == [(i, 10 * i) for i in range(6)]
+    assert threads and threading.get_ident() not in threads
+    assert not _prefetch_threads()
+
+
+def test_prefetch_thread_raises_the_producers_error():
+    from engine.data import prefetch
+
+    def prepare(i: int):
+        if i == 3:
+            raise UserError("recipe key 'data.root': broken")
+        return torch.tensor([i]), torch.tensor([i])
+
+    got = []
+    with pytest.raises(UserError, match="broken"):
+        for images, _ in prefetch.to_device(range(8), prepare, torch.device("cpu"), in_thread=True):
+            got.append(int(images))
+    assert got == [0, 1, 2]
+    assert not _prefetch_threads()
+
+
+def test_prefetch_thread_stops_with_its_consumer():
+    """A consumer that stops early (a preempted epoch) leaves no thread behind and reads no
+    more than AHEAD + 2 host batches."""
+    from engine.data import prefetch
+
+    fetched = []
+
+    def hosts():
+        for i in range(100):
+            fetched.append(i)
+            yield i
+
+    def prepare(i: int):
+        return torch.tensor([i]), torch.tensor([i])
+
+    batches = prefetch.to_device(hosts(), prepare, torch.device("cpu"), in_thread=True)
+    assert int(next(batches)[0]) == 0
+    batches.close()
+    assert not _prefetch_threads()
+    assert len(fetched) <= prefetch.AHEAD + 2
+
+
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_output_dtype(demo_root, decode):
     train, val = loaders(demo_root, decode=decode, dtype=torch.bfloat16, channels_last=True)
@@ -503,10 +584,12 @@ def test_cuda_batches_match_the_cpu_device(demo_root, decode):
 
 
 @pytest.mark.gpu
-def test_prefetch_hands_batches_over_safely():
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_prefetch_hands_batches_over_safely(in_thread):
     """The step may read a prefetched batch long after the side stream moved on: it must see
     the batch's own values (wait_event), and the memory must not be reused early
-    (record_stream) while the consumer has dropped its reference."""
+    (record_stream) while the consumer has dropped its reference. The same from the producer
+    thread, which sets its own CUDA device and stream."""
     from engine.data import prefetch
 
     device = torch.device("cuda", 0)
@@ -517,7 +600,7 @@ def test_prefetch_hands_batches_over_safely():
         return x, x[:1]
 
     results = []
-    for x, _ in prefetch.to_device(hosts, prepare, device):
+    for x, _ in prefetch.to_device(hosts, prepare, device, in_thread=in_thread):
         torch.cuda._sleep(5_000_000)  # the default stream lags far behind the side stream
         results.append((x * 3).sum())  # queued after the sleep; x itself is dropped now
     torch.cuda.synchronize()

@@ -152,8 +152,9 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device) -> list[t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io points to TorchCodec
         try:
-            # Blocks the host while nvJPEG parses and decodes (torchvision synchronizes its
-            # decoder's own stream); the current stream then waits for the result on the device.
+            # Blocks this thread (the loader's prefetch thread, prefetch.py) while nvJPEG parses
+            # and decodes: torchvision synchronizes its decoder's own stream. The current stream
+            # then waits for the result on the device.
             return list(decode_jpeg(images, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:  # one bad image fails the batch: find it
             return [_decode_one(image, device) for image in images]

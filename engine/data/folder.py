@@ -5,9 +5,10 @@ The work is split in two halves:
   (decode.py); with `data.decode: cpu` the workers also decode, crop and resize, and return
   HWC uint8, so a batch crosses to the device at a quarter of float32's size; with `gpu` they
   send the file bytes and the plan;
-- device (main process, prefetched on a side stream on CUDA, prefetch.py): the copy, and for
-  `gpu` nvJPEG decoding, crop and resize; then uint8 -> float, ImageNet normalisation, the
-  autocast dtype and the memory format (NHWC is free: it is the host layout).
+- device (main process, prefetch.py): the copy, and for `gpu` nvJPEG decoding, crop and
+  resize; then uint8 -> float, ImageNet normalisation, the autocast dtype and the memory format
+  (NHWC is free: it is the host layout). Prepared ahead on a side stream on CUDA; for `gpu`,
+  whose decoding blocks the host, in a producer thread besides.
 
 An unreadable file (truncated, not an image) never stops an epoch: it is replaced by the next
 readable file in ImageFolder order, with that file's label, and counted in `bad_files`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -209,6 +211,9 @@ class _Loader:
     def __init__(self, dataset: Images, batcher: DeviceBatcher) -> None:
         self.dataset, self.device = dataset, batcher.device
         self.bad: set[int] = set()
+        # Device decoding blocks the host (nvJPEG), so it runs in a producer thread while the
+        # main thread steps; benchmarks/throughput.py turns this off to measure the difference.
+        self.prepare_in_thread = dataset.on_device
         self.prepare: Callable[[tuple, int], Batch] = (
             decode.DeviceDecoder(batcher, dataset.redo_on_cpu, self._note_bad)
             if dataset.on_device
@@ -227,7 +232,12 @@ class _Loader:
             print(f"data: unreadable file replaced by the next one: {path}", file=sys.stderr)
 
     def _device_batches(self, host: Iterator[tuple], size: int) -> Iterator[Batch]:
-        return prefetch.to_device(self._counted(host), lambda b: self.prepare(b, size), self.device)
+        return prefetch.to_device(
+            self._counted(host),
+            lambda b: self.prepare(b, size),
+            self.device,
+            in_thread=self.prepare_in_thread,
+        )
 
     def _counted(self, host: Iterator[tuple]) -> Iterator[tuple]:
         for batch in host:
@@ -312,18 +322,24 @@ class FolderTrainLoader(_Loader):
 
 
 class _SwappedRng:
-    """Context manager: run a block on a private CPU RNG state, then restore the global one."""
+    """Context manager: run a block on a private CPU RNG state, then restore the global one.
+    One block at a time in the process: the main thread (workers == 0) and the prefetch thread
+    (`redo_on_cpu`) may both swap."""
+
+    _lock = threading.RLock()
 
     def __init__(self, state: torch.Tensor) -> None:
         self.state = state
 
     def __enter__(self) -> None:
+        self._lock.acquire()
         self.outer = torch.get_rng_state()
         torch.set_rng_state(self.state)
 
     def __exit__(self, *exc) -> None:
         self.state = torch.get_rng_state()
         torch.set_rng_state(self.outer)
+        self._lock.release()
 
 
 class FolderValLoader(_Loader):
