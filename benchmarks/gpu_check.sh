@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine with torch, torchvision and triton installed (no network, no
-# pip, no .venv): the GPU tests, the ResNet-50 throughput grid, the masked-SGD kernel benchmark
-# and the data-pipeline benchmark. Each part runs under `timeout` and the next one runs whatever
+# pip, no .venv): the GPU tests, the ResNet-50 throughput grid, the masked-SGD kernel benchmark,
+# the data-pipeline and structured-pruning benchmarks, the demo recipe under torchrun and, with
+# several GPUs, the DDP bucket sizes. Each part runs under `timeout` and the next one runs whatever
 # happened; the whole script stays under about 7 minutes. Results and the log go to $OUT when
 # set, else to benchmarks/results/<date>-<card>/; a summary of what passed ends the log.
 #
@@ -15,11 +16,13 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-probe='import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())'
-if ! card=$("$PY" -c "$probe" 2>/dev/null); then
+probe='import torch; assert torch.cuda.is_available()
+print(torch.cuda.device_count(), torch.cuda.get_device_name())'
+if ! found=$("$PY" -c "$probe" 2>/dev/null); then
   echo "gpu_check: $PY sees no CUDA device (or no torch); nothing run" >&2
   exit 2
 fi
+read -r ngpu card <<<"$found"
 slug=$(printf '%s' "$card" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-')
 RESULTS=${OUT:-benchmarks/results/$(date -u +%Y%m%d)-${slug%-}}
 mkdir -p "$RESULTS"
@@ -50,7 +53,7 @@ nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit --form
 
 SUMMARY=()
 FAILED=0
-DEFAULT_PARTS="gpu-tests throughput kernels data structured demo"
+DEFAULT_PARTS="gpu-tests throughput kernels data structured demo ddp"
 
 part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the outcome
   local name=$1 limit=$2 start=$SECONDS rc status
@@ -68,17 +71,20 @@ part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the o
   SUMMARY+=("$(printf '%-11s %-15s %4ds' "$name" "$status" $((SECONDS - start)))")
 }
 
-# Budgets (seconds): 35 + 200 + 30 + 40 + 45 + 70 = 420, 7 minutes (the H200 run of 2026-11-27
-# took 24 + 217 + 14 + 22 + 25, before the demo part and under looser limits). The throughput
-# grid starts no row after 140 s (a compiled ResNet-50 row takes about 45 s on a fresh machine,
-# its process start-up some 10 s) and writes its JSON and table after every row, so a timeout
-# keeps the rows already measured. Its rows reading files run 113 steps (2 x 16 + 1 warm-up,
-# 5 windows of 16), about 13 s for the baseline loop.
+# Budgets (seconds): 35 + 200 + 30 + 40 + 45 + 70 = 420, 7 minutes, on one GPU (the H200 run
+# of 2026-11-27 took 24 + 217 + 14 + 22 + 25, before the demo part and under looser limits).
+# With several GPUs the ddp part takes 40 s of the grid's. The throughput grid starts no row
+# after 140 s (a compiled ResNet-50 row takes about 45 s on a fresh machine, its process
+# start-up some 10 s) and writes its JSON and table after every row, so a timeout keeps the
+# rows already measured. Its rows reading files run 113 steps (2 x 16 + 1 warm-up, 5 windows
+# of 16), about 13 s for the baseline loop.
+grid_s=140
+((ngpu > 1)) && grid_s=100
 part gpu-tests 35 "$PY" -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider \
   --continue-on-collection-errors
 # shellcheck disable=SC2086 # THROUGHPUT_ARGS is a list of flags
-part throughput 200 "$PY" benchmarks/throughput.py --budget-s 140 --out "$RESULTS/throughput" \
-  ${THROUGHPUT_ARGS:-}
+part throughput $((grid_s + 60)) "$PY" benchmarks/throughput.py --budget-s "$grid_s" \
+  --out "$RESULTS/throughput" ${THROUGHPUT_ARGS:-}
 part kernels 30 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
 part data 40 "$PY" benchmarks/data.py --out "$RESULTS"
 part structured 45 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
@@ -89,6 +95,15 @@ trap 'rm -rf "$scratch"' EXIT
 part demo 70 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m engine.run \
   recipes/demo.yaml precision.amp=bf16 precision.channels_last=true data.workers=8 \
   data.root="$scratch/data" run.dir="$scratch/run"
+# DDP bucket sizes on every GPU of the machine (eager ResNet-50, five rows of about 5 s); DDP
+# needs two GPUs at least, so on one this part is skipped, and said so.
+if ((ngpu > 1)); then
+  part ddp 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
+    benchmarks/ddp.py --bucket-mb 10 25 50 100 --out "$RESULTS"
+elif [[ " ${PARTS:-$DEFAULT_PARTS} " == *" ddp "* ]]; then
+  printf '\n=== ddp: skipped, DDP needs 2 GPUs or more\n' | tee -a "$LOG"
+  SUMMARY+=("$(printf '%-11s %-15s %4ds' ddp "SKIP (1 GPU)" 0)")
+fi
 # Opt-in: torch.compile's max-autotune modes, which benchmark Triton templates for every conv
 # and matmul shape (minutes on ResNet-50; the second row reuses the first's autotuning). Its
 # table goes to the log only: the default parts already fill the 8 files a device call returns.
@@ -100,7 +115,7 @@ part autotune 400 "$PY" benchmarks/throughput.py --out "$scratch/autotune" --row
 {
   printf '\n=== summary: %s, results in %s\n' "$card" "$RESULTS"
   printf '%s\n' "${SUMMARY[@]}"
-  for table in "$RESULTS"/{throughput,masked_sgd_cuda,data_cuda}.md; do
+  for table in "$RESULTS"/{throughput,masked_sgd_cuda,data_cuda,ddp}.md; do
     [[ -f $table ]] && printf '\n' && cat "$table"
   done
 } | tee -a "$LOG"

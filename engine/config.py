@@ -99,6 +99,16 @@ class PrecisionConfig:
 
 
 @dataclass
+class DDPConfig:
+    bucket_mb: float = opt(
+        25.0,
+        "gradient all-reduce bucket size in MiB under torchrun (torch's default 25); "
+        "benchmarks/ddp.py times the choices on your GPUs",
+        gt=0.0,
+    )
+
+
+@dataclass
 class OptimConfig:
     lr: float = opt(0.1, "peak learning rate of the original schedule", gt=0.0)
     momentum: float = opt(0.9, "SGD momentum (dampening 0)", min=0.0, max=1.0)
@@ -261,6 +271,7 @@ class Recipe:
     model: ModelConfig = opt(ModelConfig(), "model")
     data: DataConfig = opt(DataConfig(), "data")
     precision: PrecisionConfig = opt(PrecisionConfig(), "precision and compilation")
+    ddp: DDPConfig = opt(DDPConfig(), "data-parallel training over several processes")
     optim: OptimConfig = opt(OptimConfig(), "optimizer and loss")
     schedule: ScheduleConfig = opt(ScheduleConfig(), "the original training schedule")
     eval: EvalConfig = opt(EvalConfig(), "evaluation")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from engine import optim
-from engine.config import PrecisionConfig
+from engine.config import DDPConfig, PrecisionConfig
 from engine.distributed import Dist
 from engine.logging import progress
 from engine.preemption import Interrupted
@@ -31,14 +31,23 @@ def memory_format(precision: PrecisionConfig) -> torch.memory_format:
     return torch.channels_last if precision.channels_last else torch.preserve_format
 
 
-def wrap(model: torch.nn.Module, precision: PrecisionConfig, dist: Dist) -> torch.nn.Module:
-    """The module the step calls: DDP across ranks (buckets as grad views, no copy), then
-    torch.compile. `model` itself stays unwrapped for evaluation and checkpoints."""
+def wrap(
+    model: torch.nn.Module,
+    precision: PrecisionConfig,
+    dist: Dist,
+    ddp: DDPConfig | None = None,
+) -> torch.nn.Module:
+    """The module the step calls: DDP across ranks (buckets of `ddp.bucket_mb`, default 25 MiB,
+    as grad views: no copy), then torch.compile. `model` itself stays unwrapped for evaluation
+    and checkpoints."""
     net = model
     if dist.active:
         cuda = dist.device.type == "cuda"
         net = DistributedDataParallel(
-            net, device_ids=[dist.device.index] if cuda else None, gradient_as_bucket_view=True
+            net,
+            device_ids=[dist.device.index] if cuda else None,
+            gradient_as_bucket_view=True,
+            bucket_cap_mb=(ddp or DDPConfig()).bucket_mb,
         )
     if precision.compile:
         mode = None if precision.compile_mode == "default" else precision.compile_mode
@@ -113,7 +122,7 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
     checkpointing at epoch ends. Returns the stage's final eval metrics and images/s."""
     r, dist, loader = ctx.recipe, ctx.dist, ctx.train_loader
     model = ctx.model
-    net = wrap(model, r.precision, dist)
+    net = wrap(model, r.precision, dist, r.ddp)
     opt = ctx.build_optimizer()
     dtype = amp_dtype(r.precision)
     scaler = torch.amp.GradScaler(dist.device.type) if dtype is torch.float16 else None

@@ -3,14 +3,16 @@ command line, the peak table, and the GPU check script's syntax."""
 
 import importlib.util
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from benchmarks import baseline, common, throughput
+from benchmarks import baseline, common, ddp, throughput
 from engine.config import DataConfig
 from engine.data import build_loaders
 from engine.distributed import Dist
@@ -101,6 +103,29 @@ def test_nvjpeg_rows_decode_in_the_prefetch_thread_or_the_main_one(tmp_path: Pat
     assert threaded.prepare_in_thread and not main.prepare_in_thread
 
 
+def test_ddp_bucket_benchmark_under_torchrun(tmp_path: Path) -> None:
+    """Two gloo ranks: a no-DDP row, then one row per bucket size, written by rank 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "benchmarks" / "ddp.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp.json").read_text())
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    assert [r["bucket_mb"] for r in report["rows"]] == [None, *ddp.QUICK["bucket_mb"]]
+    assert all(r["img_per_s"] > 0 and r["step_ms"] > 0 for r in report["rows"])
+    table = (tmp_path / "ddp.md").read_text()
+    assert table == ddp.markdown(report) and "| no DDP |" in table and "| 0.25 |" in table
+
+
+def test_ddp_bucket_benchmark_needs_torchrun(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        ddp.main(["--quick"])
+    assert exit_.value.code == 2 and "--nproc_per_node=2" in capsys.readouterr().err
+
+
 def test_failing_and_late_rows_are_reported(tmp_path: Path, monkeypatch) -> None:
     """A row that raises becomes an error row and the grid goes on; past the budget, rows are
     skipped."""
@@ -158,37 +183,48 @@ def test_gpu_check_script_parses() -> None:
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 case $1 in
-  -c) echo "Fake GPU" ;;         # the CUDA probe
+  -c) echo "$FAKE_GPUS Fake GPU" ;;  # the CUDA probe: device count and name
   -) cat >/dev/null ;;           # the versions header
   *) echo "ran: $*" ;;
 esac
 """
 
 
+DEFAULT_PARTS = ["gpu-tests", "throughput", "kernels", "data", "structured", "demo"]
+
+
 @pytest.mark.parametrize(
-    ("parts", "expected"),
+    ("parts", "gpus", "expected"),
     [
-        ("", ["gpu-tests", "throughput", "kernels", "data", "structured", "demo"]),
-        ("autotune", ["autotune"]),
-        ("kernels demo", ["kernels", "demo"]),
+        ("", 1, [*DEFAULT_PARTS, "ddp:SKIP"]),
+        ("", 2, [*DEFAULT_PARTS, "ddp"]),
+        ("autotune", 1, ["autotune"]),
+        ("kernels demo", 1, ["kernels", "demo"]),
     ],
 )
-def test_gpu_check_runs_the_parts_asked_for(tmp_path: Path, parts: str, expected: list) -> None:
-    """With a stand-in python that claims a GPU: every default part but the opt-in autotune,
-    or exactly the parts named in PARTS; each logged and summarised, exit 0 when all pass."""
+def test_gpu_check_runs_the_parts_asked_for(
+    tmp_path: Path, parts: str, gpus: int, expected: list
+) -> None:
+    """With a stand-in python that claims `gpus` GPUs: every default part but the opt-in
+    autotune (ddp only with several GPUs, else skipped and said so), or exactly the parts named
+    in PARTS; each logged and summarised, exit 0 when all pass."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
-        env={**env, "PARTS": parts},
+        env={**env, "PARTS": parts, "FAKE_GPUS": str(gpus)},
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     headers = [line.split() for line in log.splitlines() if line.startswith("=== ")]
-    assert [h[1] for h in headers[:-1]] == expected and headers[-1][1] == "summary:"
+    assert [h[1].rstrip(":") for h in headers[:-1]] == [e.split(":")[0] for e in expected]
+    assert headers[-1][1] == "summary:"
     summary = log.split("=== summary: Fake GPU")[1].splitlines()[1:]
-    assert [line.split()[:2] for line in summary if line] == [[n, "PASS"] for n in expected]
+    outcomes = [(e.split(":") + ["PASS"])[:2] for e in expected]
+    assert [line.split()[:2] for line in summary if line] == outcomes
+    if gpus > 1 and not parts:
+        assert f"--nproc_per_node={gpus} benchmarks/ddp.py" in log

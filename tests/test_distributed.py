@@ -1,5 +1,6 @@
 """Data parallelism on the CPU: torchrun with 2 gloo processes equals one process with the same
-global batch (a BN-free model, so per-rank batch statistics play no part)."""
+global batch (a BN-free model, so per-rank batch statistics play no part), and DDP takes the
+recipe's bucket size."""
 
 import json
 import os
@@ -7,7 +8,12 @@ import subprocess
 import sys
 
 import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
+from engine import train
+from engine.config import DDPConfig, PrecisionConfig
+from engine.distributed import Dist
 from engine.run import main
 from tests.conftest import tiny_recipe
 
@@ -33,9 +39,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, demo_root)
         tmp_path / "two.yaml", demo_root, **common, run={"dir": str(tmp_path / "two")}
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 2 KiB gradient buckets: several all-reduces per step, which must not change the result.
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "engine.run", str(two), "data.batch_size=8"],
+         "-m", "engine.run", str(two), "data.batch_size=8", "ddp.bucket_mb=0.002"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,3 +67,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, demo_root)
     two_evals = [r for r in lines if r["kind"] == "eval"]
     for x, y in zip(one_evals, two_evals, strict=True):  # accuracy over all ranks, each image once
         assert abs(x["top1"] - y["top1"]) < 1e-6 and abs(x["loss"] - y["loss"]) < 1e-4
+
+
+def test_ddp_takes_the_bucket_size():
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        dist = Dist(0, 1, 0, torch.device("cpu"), "gloo")
+        net = train.wrap(
+            torch.nn.Linear(4, 2), PrecisionConfig(amp="off"), dist, DDPConfig(bucket_mb=2.5)
+        )
+        assert isinstance(net, DistributedDataParallel)
+        assert net.bucket_bytes_cap == int(2.5 * 2**20)
+    finally:
+        tdist.destroy_process_group()
