@@ -171,15 +171,19 @@ def measure(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     warmup_s, seconds = time_windows(make_run(), device, warmup, repeats, steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {**window_stats(seconds, steps, batch_size), "warmup_s": warmup_s, "peak_mem_gib": peak}
+
+
+def window_stats(seconds: list[float], steps: int, batch_size: int) -> dict:
+    """Timed windows of `steps` steps of `batch_size` images -> images/s (median, min, max,
+    spread in % of the median) and ms per step."""
     rates = sorted(steps * batch_size / s for s in seconds)
     median = statistics.median(rates)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "img_per_s": median,
         "img_per_s_min": rates[0],
         "img_per_s_max": rates[-1],
         "spread_pct": 100 * (rates[-1] - rates[0]) / median,
         "step_ms": 1e3 * statistics.median(seconds) / steps,
-        "warmup_s": warmup_s,
-        "peak_mem_gib": peak,
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
-from benchmarks.common import environment, time_windows, write_results  # noqa: E402
+from benchmarks.common import environment, time_windows, window_stats, write_results  # noqa: E402
 from engine import distributed, optim, train  # noqa: E402
 from engine.config import DDPConfig, OptimConfig, PrecisionConfig  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
@@ -79,15 +78,8 @@ def measure(opts: Options, dist: Dist, bucket_mb: float | None) -> dict:
     _, seconds = time_windows(run, dist.device, opts.warmup, opts.repeats, opts.steps)
     # Host sync (outside the timed windows): the slowest rank's time for each window.
     slowest = dist.all_reduce_max(torch.tensor(seconds, device=dist.device)).tolist()
-    images = opts.batch_size * dist.world_size * opts.steps
-    rates = sorted(images / s for s in slowest)
-    median = statistics.median(rates)
-    return {
-        "bucket_mb": bucket_mb,
-        "img_per_s": median,
-        "spread_pct": 100 * (rates[-1] - rates[0]) / median,
-        "step_ms": 1e3 * statistics.median(slowest) / opts.steps,
-    }
+    stats = window_stats(slowest, opts.steps, opts.batch_size * dist.world_size)
+    return {"bucket_mb": bucket_mb, **stats}
 
 
 def markdown(report: dict) -> str:
