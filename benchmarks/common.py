@@ -21,14 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Dense tensor-core peaks in TFLOP/s from NVIDIA's datasheets (their "with sparsity" figures
 # halved): (name fragments, bf16 = fp16, TF32). The first entry whose fragments all occur in
-# torch.cuda.get_device_name() wins, so the PCIe and NVL cards come before the SXM ones.
+# torch.cuda.get_device_name() wins, so the PCIe and NVL cards come before the SXM ones. A100
+# names go on with "-" or " " ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"), so an
+# "RTX A1000" matches nothing.
 GPU_PEAKS: tuple[tuple[tuple[str, ...], float, float], ...] = (
     (("H100", "PCIe"), 756.5, 378.0),
     (("H100", "NVL"), 835.5, 417.5),
     (("H100",), 989.4, 494.7),
     (("H200", "NVL"), 835.5, 417.5),
     (("H200",), 989.4, 494.7),
-    (("A100",), 312.0, 156.0),
+    (("A100-",), 312.0, 156.0),
+    (("A100 ",), 312.0, 156.0),
 )
 AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,11 +137,14 @@ def time_windows(
 ) -> tuple[float, list[float]]:
     """`run(warmup)` untimed (compilation, autotuning, workers starting), then `repeats` timed
     windows of `run(steps)`. Returns the warm-up seconds and each window's seconds. On CUDA,
-    events bracket each window and the only sync is after the last one."""
+    events bracket each window and the only sync is after the last one; the peak memory count
+    restarts after the warm-up, so cuDNN's trial workspaces while autotuning do not count."""
     start = time.perf_counter()
     run(warmup)
     sync(device)  # host sync: warm-up ends before timing starts
     warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # from what stays allocated: the steady state
     if device.type != "cuda":
         seconds = []
         for _ in range(repeats):
@@ -165,11 +171,11 @@ def measure(
     batch_size: int,
 ) -> dict:
     """Build a run with `make_run()` and time it: images/s (median, min, max, spread in % of
-    the median), ms per step, warm-up seconds and peak device memory (GiB, CUDA only)."""
-    if device.type == "cuda":  # free the previous run's memory before counting the peak
+    the median), ms per step, warm-up seconds and peak device memory over the timed windows
+    (GiB, CUDA only)."""
+    if device.type == "cuda":  # free the previous run's memory before building this one
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     warmup_s, seconds = time_windows(make_run(), device, warmup, repeats, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {**window_stats(seconds, steps, batch_size), "warmup_s": warmup_s, "peak_mem_gib": peak}

@@ -150,7 +150,7 @@ def pipelines(device: torch.device) -> list[tuple[str, str, str]]:
     """(name, backend, data.decode mode) of every pipeline that runs on this device."""
     rows = [("torch DataLoader, decode in the workers", "torch", "cpu")]
     if device.type == "cuda":
-        rows.append(("torch, nvJPEG decode in the main process", "torch", "gpu"))
+        rows.append(("torch, nvJPEG decode in the prefetch thread", "torch", "gpu"))
     if dali_installed():
         kind = "mixed (GPU)" if device.type == "cuda" else "CPU-only"
         rows.append((f"DALI {kind}", "dali", "auto"))

@@ -24,6 +24,7 @@ from engine import distributed, optim, train  # noqa: E402
 from engine.config import DDPConfig, OptimConfig, PrecisionConfig  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
 from engine.models import build_model  # noqa: E402
+from engine.run import set_determinism  # noqa: E402
 
 LR = 0.1
 
@@ -59,9 +60,11 @@ def make_run(opts: Options, dist: Dist, bucket_mb: float | None):
     opt = optim.build(model, OptimConfig(lr=LR))
     ranks = dist if bucket_mb is not None else dataclasses.replace(dist, backend=None)
     net = train.wrap(model, precision, ranks, DDPConfig(bucket_mb=bucket_mb or 25.0))
-    step = train.make_step(net, opt, None, 0.0, train.amp_dtype(precision), dist.device.type)
+    dtype = train.amp_dtype(precision)
+    step = train.make_step(net, opt, None, 0.0, dtype, dist.device.type)
     shape = (opts.batch_size, 3, opts.image_size, opts.image_size)
-    images = torch.randn(shape, device=dist.device).to(memory_format=torch.channels_last)
+    images = torch.randn(shape, device=dist.device)  # as the loaders give: in the autocast dtype
+    images = images.to(dtype or torch.float32, memory_format=torch.channels_last)
     labels = torch.randint(0, opts.num_classes, (opts.batch_size,), device=dist.device)
 
     def run(n: int) -> None:
@@ -93,7 +96,7 @@ def markdown(report: dict) -> str:
         f"{o['steps']} steps after {o['warmup']} warm-up steps; each window timed by its "
         "slowest rank. `no DDP`: the same step with no all-reduce.",
         "",
-        "| bucket MiB | img/s | spread | ms/step | x no DDP |",
+        "| bucket MiB | img/s (all ranks) | spread | ms/step | x no DDP |",
         "|---|---:|---:|---:|---:|",
     ]
     bound = report["rows"][0]["img_per_s"]
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         print("benchmarks/ddp.py: one process has no DDP; run it under torchrun with "
               "--nproc_per_node=2 or more", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
+    set_determinism(False, dist.device)  # the engine's default: cuDNN autotuning on CUDA
     if dist.device.type == "cpu":
         torch.set_num_threads(1)  # one core per rank: ranks do not fight over cores
     try:

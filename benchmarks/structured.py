@@ -16,6 +16,7 @@ from engine import optim, prune, train  # noqa: E402
 from engine.config import OptimConfig, PrecisionConfig  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
 from engine.models import build_model  # noqa: E402
+from engine.run import set_determinism  # noqa: E402
 
 # (arch, classes, image size, batch, [(PFEC fractions or setting, round_to)]): the CIFAR net of
 # the paper's table, and ResNet-50 with 30% or 25% of the inner filters of its first three
@@ -42,7 +43,10 @@ def step_rate(model: torch.nn.Module, size: int, batch: int, device: torch.devic
         train.wrap(model, precision, Dist(device=device)), opt, None, 0.0,
         train.amp_dtype(precision), device.type,
     )  # fmt: skip
-    images = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size, device=device)  # in the autocast dtype, as loaded
+    images = images.to(
+        train.amp_dtype(precision) or torch.float32, memory_format=torch.channels_last
+    )
     labels = torch.randint(0, 10, (batch,), device=device)
 
     def make_run():
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write structured_<device>.{json,md} here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    set_determinism(False, device)  # the engine's default: cuDNN autotuning on CUDA
     if device.type == "cpu":
         torch.set_num_threads(1)  # steadier on a shared machine
     env = environment(device)

@@ -174,7 +174,9 @@ def test_gpu_peak_table() -> None:
     assert common.gpu_peak("NVIDIA H100 PCIe", "fp16") == pytest.approx(756.5e12)
     assert common.gpu_peak("NVIDIA H200", "off") == pytest.approx(494.7e12)
     assert common.gpu_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
+    assert common.gpu_peak("NVIDIA A100 80GB PCIe", "off") == pytest.approx(156e12)
     assert common.gpu_peak("Tesla T4", "bf16") is None
+    assert common.gpu_peak("NVIDIA RTX A1000 6GB Laptop GPU", "bf16") is None
 
 
 def test_gpu_check_script_parses() -> None:
@@ -228,3 +230,19 @@ def test_gpu_check_runs_the_parts_asked_for(
     assert [line.split()[:2] for line in summary if line] == outcomes
     if gpus > 1 and not parts:
         assert f"--nproc_per_node={gpus} benchmarks/ddp.py" in log
+
+
+def test_gpu_check_rejects_an_unknown_part(tmp_path: Path) -> None:
+    """A mistyped part name stops the script before anything runs, naming it."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        env={**env, "PARTS": "kernels kernel", "FAKE_GPUS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "unknown part 'kernel'" in done.stderr
+    assert not (tmp_path / "out").exists()

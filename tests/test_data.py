@@ -516,6 +516,16 @@ def test_synthetic(channels_last):
         )
 
 
+def test_synthetic_dtype():
+    """Synthetic images come in the autocast dtype, like every backend's."""
+    cfg = DataConfig(backend="synthetic", batch_size=3, image_size=16, steps_per_epoch=1)
+    kw = dict(dist=fake(), seed=0, num_classes=5, channels_last=True)
+    ((images, _),) = epoch(build_loaders(cfg, **kw)[0], 0)
+    ((half, _),) = epoch(build_loaders(cfg, dtype=torch.bfloat16, **kw)[0], 0)
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(half, images.to(torch.bfloat16))
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA (pytest -m gpu)
 

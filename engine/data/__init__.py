@@ -70,7 +70,7 @@ def build_loaders(
         from engine.data.synthetic import SyntheticLoader
 
         kw = dict(dist=dist, seed=seed, num_classes=num_classes, channels_last=channels_last)
-        return SyntheticLoader(cfg, **kw), None
+        return SyntheticLoader(cfg, dtype=dtype or torch.float32, **kw), None
     if cfg.backend not in ("torch", "dali"):
         raise UserError(f"recipe key 'data.backend': unknown backend {cfg.backend!r}")
     if not cfg.root:

@@ -13,17 +13,26 @@ from engine.errors import UserError
 
 
 class SyntheticLoader:
-    """`steps_per_epoch` steps of the same (images, labels) tensors: do not modify them."""
+    """`steps_per_epoch` steps of the same (images, labels) tensors: do not modify them. Images
+    come in `dtype`, as the other backends give the autocast dtype, so a compiled step sees the
+    same input on synthetic and real data."""
 
     def __init__(
-        self, cfg: DataConfig, *, dist: Dist, seed: int, num_classes: int, channels_last: bool
+        self,
+        cfg: DataConfig,
+        *,
+        dist: Dist,
+        seed: int,
+        num_classes: int,
+        channels_last: bool,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if cfg.steps_per_epoch <= 0:
             raise UserError("recipe key 'data.steps_per_epoch': the synthetic backend needs it > 0")
         self.steps = cfg.steps_per_epoch
         g = torch.Generator(device=dist.device).manual_seed(seed + dist.rank)
         b, s = cfg.batch_size, cfg.image_size
-        images = torch.randn(b, 3, s, s, generator=g, device=dist.device)
+        images = torch.randn(b, 3, s, s, generator=g, device=dist.device).to(dtype)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.images = images
