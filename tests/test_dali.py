@@ -179,6 +179,20 @@ def test_progressive_sizes(colours):
     assert next(iter(val))[0].shape[-1] == 32
 
 
+def test_progressive_without_augmentation_matches_the_torch_backend(textures):
+    """augment=False: at each progressive size, val's resize (scaled with the size) and center
+    crop, as the torch backend makes them."""
+    progressive = ProgressiveConfig(start=16, end=32, from_epoch=0, to_epoch=1)
+    kw = dict(augment=False, progressive=progressive, seed=2)
+    dali_train, _ = loaders(textures, **kw)
+    torch_train, _ = loaders(textures, backend="torch", workers=0, **kw)
+    for e, size in [(0, 16), (1, 32)]:
+        pairs = zip(epoch(dali_train, e), epoch(torch_train, e), strict=True)
+        for (a, labels_a), (b, labels_b) in pairs:
+            assert a.shape == b.shape == (4, 3, size, size) and torch.equal(labels_a, labels_b)
+            assert (a - b).abs().mean() < 0.1 * (a - a.roll(1, 0)).abs().mean()
+
+
 def test_unreadable_files_are_replaced_and_counted(colours, tmp_path):
     root = Path(shutil.copytree(colours, tmp_path / "broken"))
     cut = root / "train" / "c0" / "005.JPEG"

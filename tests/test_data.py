@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -16,7 +18,7 @@ import engine.data
 from engine import config as recipe
 from engine.config import DataConfig, ProgressiveConfig
 from engine.data import build_loaders, demo, train_image_size
-from engine.data.decode import Encoded, read_encoded
+from engine.data.decode import RATIO, CropParams, Encoded, read_encoded
 from engine.data.folder import MEAN, STD, FolderTrainLoader, FolderValLoader
 from engine.distributed import Dist
 from engine.errors import UserError
@@ -255,6 +257,32 @@ def test_generate_demo_on_rank_0_only(tmp_path, monkeypatch):
         loaders(tmp_path / "busy", generate_demo=True)
 
 
+def test_generate_demo_refuses_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="'data.root': .*file is a file, not a folder"):
+        loaders(tmp_path / "file", generate_demo=True)
+
+
+def test_crop_draws_match_torchvision():
+    """CropParams draws from its own generator the numbers T.RandomResizedCrop and
+    T.RandomHorizontalFlip draw from the global RNG, in the same order (fallbacks included),
+    and leaves the global RNG alone."""
+    rng = torch.get_rng_state()
+    for seed in range(40):
+        for h, w in [(375, 500), (500, 375), (32, 32), (20, 400), (400, 20)]:
+            crop = CropParams(train=True, size=16, resize=18, min_scale=0.08 if seed % 2 else 0.9)
+            torch.manual_seed(seed)
+            box = T.RandomResizedCrop.get_params(torch.empty(0, h, w), (crop.min_scale, 1), RATIO)
+            flip = bool(torch.rand(1) < 0.5)
+            state = torch.get_rng_state()
+            _, plan, got_flip = crop(
+                Encoded(torch.empty(0), h, w), torch.Generator().manual_seed(seed)
+            )
+            assert plan[:4].tolist() == list(box) and got_flip == flip
+            assert torch.equal(torch.get_rng_state(), state)
+    torch.set_rng_state(rng)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_gpu_decode_path_matches_the_cpu_path(demo_root, workers):
     """decode=gpu, run on the CPU here: the same samples, crops and flips as decode=cpu, up to
@@ -288,6 +316,69 @@ def test_gpu_decode_in_a_thread_gives_the_same_batches(demo_root, workers):
 
 def _prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+
+
+def _fake_nvjpeg(bad: Callable[[list[torch.Tensor]], str], calls: list[int]) -> Callable:
+    """A decode_jpeg that raises as torchvision does when `bad(batch)` gives a message, and
+    appends the size of each batch it gets to `calls`."""
+
+    def decode_jpeg(data, mode, device):
+        batch = data if isinstance(data, list) else [data]
+        calls.append(len(batch))
+        if message := bad(batch):
+            raise RuntimeError(f"Error while decoding JPEG images: {message}")
+        out = [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in batch]
+        return out if isinstance(data, list) else out[0]
+
+    return decode_jpeg
+
+
+def test_device_decode_finds_the_bad_image_but_raises_device_errors(monkeypatch):
+    """A batch nvJPEG fails is decoded image by image to find the bad one; device errors (out of
+    memory, CUDA) and failures that no single image explains are raised, not hidden by
+    re-reading the whole batch on the CPU."""
+    ok, bad = torch.ones(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
+    calls: list[int] = []
+
+    def decode_with(images: list[torch.Tensor], fails: Callable) -> list:
+        calls.clear()
+        monkeypatch.setattr(engine.data.decode, "decode_jpeg", _fake_nvjpeg(fails, calls))
+        return engine.data.decode.decode_on_device(images, torch.device("cpu"))
+
+    def broken(batch: list[torch.Tensor]) -> str:
+        return "Failed to decode jpeg stream: 7" if any(x[0] == 0 for x in batch) else ""
+
+    assert [x is None for x in decode_with([ok, bad, ok], broken)] == [False, True, False]
+    assert calls == [3, 1, 1, 1] and decode_with([bad], broken) == [None]
+    with pytest.raises(RuntimeError, match="jpeg stream: 7"):
+        decode_with([bad, bad], broken)  # none decodes alone: not one bad image
+    with pytest.raises(RuntimeError, match="decode batch: 6"):
+        decode_with([ok, ok], lambda batch: "Failed to decode batch: 6" if len(batch) > 1 else "")
+    assert calls == [2, 1, 1]  # each decodes alone: not a bad image either
+    for error in ("CUDA out of memory. Tried to allocate", "Failed to synchronize CUDA stream"):
+        with pytest.raises(RuntimeError, match=error):
+            decode_with([ok, bad], lambda batch, error=error: error)
+        assert calls == [2]  # not retried image by image
+
+
+def test_refused_images_get_the_epochs_crops(demo_root, monkeypatch, capsys):
+    """An image nvJPEG refuses is re-read on the CPU (said once) with its crop drawn from the
+    epoch's seed and its index: the same epoch replays, another epoch crops it anew."""
+    monkeypatch.setattr(
+        engine.data.decode, "decode_on_device", lambda images, device: [None] * len(images)
+    )
+    engine.data.say_once.cache_clear()
+    train, _ = loaders(demo_root, decode="gpu", seed=1)
+
+    def by_index(e: int) -> dict[int, torch.Tensor]:
+        images = torch.cat([x for x, _ in epoch(train, e)])
+        return dict(zip(train.sampler, images, strict=True))
+
+    first, again, other = by_index(1), by_index(1), by_index(2)
+    assert len(first) == CLASSES * TRAIN
+    assert all(torch.equal(first[i], again[i]) for i in first)
+    assert not any(torch.equal(first[i], other[i]) for i in first)
+    assert capsys.readouterr().err.count("re-read on the CPU") == 1
 
 
 def test_prefetch_thread_prepares_ahead_in_order():
@@ -411,6 +502,27 @@ def test_progressive_resizing(demo_root, decode):
     sizes = [epoch(train, e)[0][0].shape[-1] for e in range(5)]
     assert sizes == [16, 16, 32, 32, 32]
     assert next(iter(val))[0].shape[-1] == 32  # val keeps image_size
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_progressive_without_augmentation_is_resize_and_center_crop(demo_root, decode):
+    """augment=False frames train images as val does at every progressive size: the shorter
+    side resized to size * val_resize / image_size (27 / 24 here), then the center crop."""
+    progressive = ProgressiveConfig(start=16, end=32, from_epoch=0, to_epoch=1)
+    train, _ = loaders(demo_root, decode=decode, augment=False, progressive=progressive)
+    for e, size, resize in [(0, 16, 18), (1, 32, 36)]:
+        images, labels = epoch(train, e)[0]
+        assert images.shape == (4, 3, size, size)
+        transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+        expected = []
+        for i in list(train.sampler)[:4]:
+            path, label = train.dataset.samples[i]
+            pixels = transform(decode_image(path, mode=ImageReadMode.RGB)).float() / 255
+            expected.append(v2.functional.normalize(pixels, MEAN, STD))
+            assert labels[len(expected) - 1] == label
+        atol = 1e-5 if decode == "cpu" else 0.05  # gpu: the resize in float, not uint8
+        torch.testing.assert_close(images, torch.stack(expected), atol=atol, rtol=0)
 
 
 def test_progressive_recipe_keys(demo_root):

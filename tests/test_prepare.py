@@ -107,3 +107,12 @@ def test_errors_are_one_line_and_exit_2(src, tmp_path, capsys):
         assert prepare.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: prepare: ") and message in err and err.count("\n") == 1
+
+
+def test_truncated_small_jpeg_is_left_out(src, tmp_path, capsys):
+    """A small plain JPEG would be copied as it is: a truncated one is reported, not copied."""
+    small = src / "train/a/small.JPEG"
+    small.write_bytes(small.read_bytes()[:-100])
+    out, err = run(src, tmp_path / "dst", capsys)
+    assert "(15 resized, 0 copied, 0 already done, 2 unreadable)" in out
+    assert not (tmp_path / "dst/train/a/small.JPEG").exists() and str(small) in err

@@ -81,6 +81,8 @@ def build_loaders(
         if dist.is_main and not (root / "train").is_dir():
             from engine.data import demo
 
+            if root.exists() and not root.is_dir():
+                raise UserError(f"recipe key 'data.root': {root} is a file, not a folder")
             if root.exists() and any(root.iterdir()):
                 raise UserError(
                     f"recipe key 'data.root': {root} has no train/ but is not empty, so the demo "
@@ -125,9 +127,12 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def val_resize(cfg: DataConfig) -> int:
-    """The val resize of the shorter side: data.val_resize, or image_size * 256 / 224."""
-    return cfg.val_resize or round(cfg.image_size * 256 / 224)
+def val_resize(cfg: DataConfig, size: int | None = None) -> int:
+    """The shorter side's resize before a center crop of `size` (default data.image_size):
+    data.val_resize, or image_size * 256 / 224, scaled by size / image_size (so that train
+    without augmentation keeps val's framing at every progressive size)."""
+    resize = cfg.val_resize or round(cfg.image_size * 256 / 224)
+    return resize if size is None else round(size * resize / cfg.image_size)
 
 
 def train_image_size(cfg: DataConfig, epoch: int) -> int:

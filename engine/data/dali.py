@@ -143,7 +143,8 @@ def _graph(g: Graph, files: list[tuple[str, int]], augment: bool, size: int, sha
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, **decoder)
-        images = fn.resize(images, resize_shorter=val_resize(cfg), interp_type=types.INTERP_LINEAR)
+        resize = val_resize(cfg, size)  # scaled with a progressive train size
+        images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR)
         mirror = 0
     images = fn.crop_mirror_normalize(
         images,

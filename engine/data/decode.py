@@ -3,7 +3,7 @@
 Both `data.decode` modes read a file the same way (`read_encoded`: the JPEG bytes, or PIL's
 pixels for files nvJPEG cannot take as they are: PNG, CMYK, EXIF-rotated, cut short) and draw
 its crop and flip the same way (`CropParams`, torchvision's RandomResizedCrop and
-RandomHorizontalFlip draws in their order). Then:
+RandomHorizontalFlip draws in their order, from the dataset's own generator). Then:
 - `cpu`: the worker decodes with torchvision (libjpeg-turbo; `read_decoded`), crops and resizes
   on uint8 (`crop_on_host`) and sends size x size HWC uint8;
 - `gpu`: the worker sends the bytes and the plan; the main process decodes the batch with
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from engine.data import say_once
 from engine.data.images import device_jpeg_size, load_rgb
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
+_LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()  # in float32, as torchvision draws them
+# Errors of the device rather than of an image (torchvision rewraps them as "Error while
+# decoding JPEG images: ..."): decoding image by image would only hide them.
+_DEVICE_ERROR = re.compile(r"out of memory|CUDA", re.IGNORECASE)
 
 
 @dataclass
@@ -74,24 +80,49 @@ def read_decoded(path: str) -> Encoded:
 class CropParams:
     """Encoded image -> (data, plan, flip). The plan (8 ints) says how to make the output:
     crop (top, left, height, width) of the image, resize that to (height, width), then take the
-    size x size window at (top, left). Train draws the crop from the global RNG exactly as
-    T.RandomResizedCrop + T.RandomHorizontalFlip do (and resizes it to size x size); val
-    resizes the shorter side to `resize` and takes the center, as T.Resize + T.CenterCrop."""
+    size x size window at (top, left). Train draws the crop from `rng` (None: the global RNG)
+    exactly as T.RandomResizedCrop + T.RandomHorizontalFlip draw from the global RNG (and
+    resizes it to size x size); val resizes the shorter side to `resize` and takes the center,
+    as T.Resize + T.CenterCrop."""
 
     def __init__(self, *, train: bool, size: int, resize: int, min_scale: float) -> None:
         self.train, self.size, self.resize, self.min_scale = train, size, resize, min_scale
 
-    def __call__(self, image: Encoded) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def __call__(
+        self, image: Encoded, rng: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         h, w, s = image.height, image.width, self.size
         if self.train:
-            dims = torch.empty(0, h, w)  # get_params only reads the size
-            box = T.RandomResizedCrop.get_params(dims, (self.min_scale, 1.0), RATIO)
-            plan, flip = (*box, s, s, 0, 0), bool(torch.rand(1) < 0.5)
+            box = random_resized_crop(h, w, self.min_scale, rng)
+            plan, flip = (*box, s, s, 0, 0), bool(torch.rand(1, generator=rng) < 0.5)
         else:
             rh, rw = _resized(h, w, self.resize)
             # CenterCrop's offsets (Python's round, as torchvision)
             plan, flip = (0, 0, h, w, rh, rw, round((rh - s) / 2), round((rw - s) / 2)), False
         return image.data, torch.tensor(plan), flip
+
+
+def random_resized_crop(
+    height: int, width: int, min_scale: float, rng: torch.Generator | None
+) -> tuple[int, int, int, int]:
+    """T.RandomResizedCrop.get_params(scale=(min_scale, 1), ratio=RATIO) drawing the same numbers
+    in the same order from `rng`: the global RNG cannot be swapped safely while other threads
+    draw from it."""
+    area = height * width
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(min_scale, 1.0, generator=rng).item()
+        ratio = torch.empty(1).uniform_(*_LOG_RATIO, generator=rng).exp().item()
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=rng))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=rng))
+            return top, left, h, w
+    w, h = width, height  # fallback: the central crop of the nearest allowed ratio
+    if width / height < RATIO[0]:
+        h = round(width / RATIO[0])
+    elif width / height > RATIO[1]:
+        w = round(height * RATIO[1])
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def _resized(height: int, width: int, shorter: int) -> tuple[int, int]:
@@ -156,14 +187,22 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device) -> list[t
             # and decodes: torchvision synchronizes its decoder's own stream. The current stream
             # then waits for the result on the device.
             return list(decode_jpeg(images, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # one bad image fails the batch: find it
-            return [_decode_one(image, device) for image in images]
+        except RuntimeError as error:  # one bad image fails the batch: find it
+            if _DEVICE_ERROR.search(str(error)):
+                raise
+            decoded = [_decode_one(image, device) for image in images]
+            refused = sum(x is None for x in decoded)
+            if refused == 0 or (refused == len(images) and len(images) > 1):
+                raise  # every image decodes alone, or none does: no bad image to blame
+            return decoded
 
 
 def _decode_one(image: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
         return decode_jpeg(image, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except RuntimeError as error:
+        if _DEVICE_ERROR.search(str(error)):
+            raise
         return None
 
 
@@ -206,6 +245,9 @@ class DeviceDecoder:
                 images[i] = x
         for i, x in enumerate(images):
             if x is None:  # rare: re-read on the CPU, with the crop drawn anew
+                say_once(
+                    "data.decode=gpu: nvJPEG refused an image; such images are re-read on the CPU"
+                )
                 pixels, plan, flip, label, bad, _ = self.redo(int(index[i]))
                 x, plans[i], flips[i], labels[i] = pixels, plan, flip, label
                 if bad >= 0:

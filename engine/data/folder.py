@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import ImageFolder
 
@@ -126,7 +126,8 @@ class Images(ImageFolder):
 
     Items: `(hwc_uint8, label, bad)` when decoding on the CPU; `(data, plan, flip, label, bad,
     index)` when decoding on the device (decode.py). `bad` is the index of the unreadable
-    file this item replaces, or -1.
+    file this item replaces, or -1. Crops and flips are drawn from `rng`, never from the global
+    RNG, which other threads use meanwhile; `seed` is the epoch's (for `redo_on_cpu`).
     """
 
     def __init__(self, folder: Path, cfg: DataConfig, *, train: bool, on_device: bool) -> None:
@@ -134,6 +135,7 @@ class Images(ImageFolder):
             super().__init__(str(folder))
         self.cfg, self.train, self.on_device = cfg, train, on_device
         self.read: Callable = decode.read_encoded if on_device else decode.read_decoded
+        self.rng, self.seed = torch.Generator(), 0
         self.set_size(cfg.image_size)
 
     def set_size(self, size: int) -> None:
@@ -142,7 +144,7 @@ class Images(ImageFolder):
         self.transform = decode.CropParams(
             train=self.train,
             size=size,
-            resize=val_resize(self.cfg),
+            resize=val_resize(self.cfg, size),
             min_scale=self.cfg.min_crop_scale,
         )
 
@@ -151,10 +153,11 @@ class Images(ImageFolder):
         return decode.collate(items) if self.on_device else default_collate(items)
 
     def __getitem__(self, index: int) -> tuple:
-        return self.item(index, self.read)
+        return self.item(index, self.read, self.rng)
 
-    def item(self, index: int, read: Callable) -> tuple:
-        """The item of `index`, or of the next readable file if `read` cannot read it."""
+    def item(self, index: int, read: Callable, rng: torch.Generator) -> tuple:
+        """The item of `index`, or of the next readable file if `read` cannot read it, its crop
+        drawn from `rng`."""
         n = len(self.samples)
         for offset in range(n):
             path, label = self.samples[(index + offset) % n]
@@ -163,18 +166,18 @@ class Images(ImageFolder):
             except Exception:  # decoders raise many types on bad data; all mean "unreadable"
                 continue
             bad = index if offset else -1
-            data, plan, flip = self.transform(image)
+            data, plan, flip = self.transform(image, rng)
             if self.on_device:
                 return data, plan, flip, label, bad, index
             return decode.crop_on_host(data, plan, flip, self.size), label, bad
         raise RuntimeError(f"no readable image in {self.root}")
 
     def redo_on_cpu(self, index: int) -> tuple:
-        """The item of `index` decoded by PIL, its crop drawn from an RNG seeded by `index`:
-        for an image that nvJPEG refused in the main process."""
-        state = torch.Generator().manual_seed(index).get_state()
-        with _SwappedRng(state):
-            return self.item(index, functools.partial(decode.read_encoded, on_cpu=True))
+        """The item of `index` decoded by PIL, for an image that nvJPEG refused in the main
+        process; its crop is drawn from a generator seeded by the epoch's seed and `index`, so
+        it replays with the epoch and differs between epochs."""
+        rng = torch.Generator().manual_seed(self.seed ^ index)
+        return self.item(index, functools.partial(decode.read_encoded, on_cpu=True), rng)
 
 
 class DeviceBatcher:
@@ -251,12 +254,11 @@ class FolderTrainLoader(_Loader):
     """This rank's shuffled, augmented batches; call set_epoch(e) before each epoch.
 
     Epoch e depends only on (seed, e, rank): the order comes from DistributedSampler(seed) with
-    set_epoch(e), and the augmentation random numbers from a generator seeded with
-    epoch_seed(seed, e, rank). With workers > 0 that generator is the DataLoader's, which seeds
-    each worker (workers are therefore not persistent: persistent ones would carry their RNG
-    over from the previous epoch). With workers == 0 the transforms run in this process and
-    draw from the global torch RNG, so each batch is fetched with this loader's own RNG state
-    swapped in: batches are reproducible and the caller's RNG stream is left untouched.
+    set_epoch(e), and the augmentation random numbers from generators seeded with
+    epoch_seed(seed, e, rank). With workers == 0 the dataset draws from such a generator; with
+    workers > 0 the DataLoader's does, which seeds each worker's generator (`_seed_worker`;
+    workers are therefore not persistent: persistent ones would carry their RNG over from the
+    previous epoch). The global torch RNG is never used, so the caller's stream is untouched.
     The train image size of epoch e is `train_image_size(cfg, e)` (progressive resizing).
     """
 
@@ -283,6 +285,7 @@ class FolderTrainLoader(_Loader):
             drop_last=True,
             persistent_workers=False,
             generator=torch.Generator(),
+            worker_init_fn=_seed_worker,
         )
         full = len(self.loader)
         if full == 0:
@@ -292,7 +295,7 @@ class FolderTrainLoader(_Loader):
             )
         self.steps = min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
         self.size = cfg.image_size
-        self._rng: torch.Tensor | None = None  # None: set_epoch not called for this epoch
+        self._epoch_set = False  # set_epoch called for the next iteration
 
     def __len__(self) -> int:
         return self.steps
@@ -302,44 +305,25 @@ class FolderTrainLoader(_Loader):
         s = epoch_seed(self.seed, epoch, self.rank)
         self.sampler.set_epoch(epoch)
         self.loader.generator = torch.Generator().manual_seed(s)  # seeds the workers
-        self._rng = torch.Generator().manual_seed(s).get_state()  # workers == 0
+        self.dataset.rng = torch.Generator().manual_seed(s)  # workers == 0
+        self.dataset.seed = s
         self.size = train_image_size(self.cfg, epoch)
         self.dataset.set_size(self.size)  # workers start per epoch: they pickle it anew
+        self._epoch_set = True
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._rng is None:
+        if not self._epoch_set:
             raise RuntimeError("FolderTrainLoader: call set_epoch(epoch) before each epoch")
-        state, self._rng = self._rng, None
+        self._epoch_set = False
         it = iter(self.loader)  # starts the workers now
-        rng = _SwappedRng(state) if self.loader.num_workers == 0 else contextlib.nullcontext()
-        return self._device_batches(self._host_batches(it, rng), self.size)
-
-    def _host_batches(self, it: Iterator, rng: contextlib.AbstractContextManager) -> Iterator:
-        for _ in range(self.steps):
-            with rng:
-                batch = next(it)
-            yield batch
+        return self._device_batches(itertools.islice(it, self.steps), self.size)
 
 
-class _SwappedRng:
-    """Context manager: run a block on a private CPU RNG state, then restore the global one.
-    One block at a time in the process: the main thread (workers == 0) and the prefetch thread
-    (`redo_on_cpu`) may both swap."""
-
-    _lock = threading.RLock()
-
-    def __init__(self, state: torch.Tensor) -> None:
-        self.state = state
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        self.outer = torch.get_rng_state()
-        torch.set_rng_state(self.state)
-
-    def __exit__(self, *exc) -> None:
-        self.state = torch.get_rng_state()
-        torch.set_rng_state(self.outer)
-        self._lock.release()
+def _seed_worker(worker_id: int) -> None:
+    """In a DataLoader worker: draw the crops from a generator with the worker's seed (the
+    DataLoader generator's base seed + worker_id), as its global RNG would."""
+    info = get_worker_info()
+    info.dataset.rng = torch.Generator().manual_seed(info.seed)
 
 
 class FolderValLoader(_Loader):

@@ -8,9 +8,9 @@ Bottlenecks", CVPR 2023; https://github.com/libffcv/ffcv-imagenet).
 Every image under SRC is written to the same relative path under DST as a JPEG whose longer
 side is at most --max-side, upright (EXIF orientation applied) and RGB (grayscale stays
 grayscale), so ImageNet's odd files (CMYK, a PNG named .JPEG, rotated photos) become plain
-JPEGs. A plain JPEG already small enough is copied byte for byte. Each file is written to a
-temporary name and renamed, so a file in DST is complete: a rerun skips it (resume).
-Unreadable files are reported and left out.
+JPEGs. A plain JPEG already small enough is decoded (as a check) and copied byte for byte.
+Each file is written to a temporary name and renamed, so a file in DST is complete: a rerun
+skips it (resume). Unreadable files, truncated ones included, are reported and left out.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def _one(task: tuple[Path, Path, int, int]) -> tuple[str, str, int, int]:
             orientation = im.getexif().get(ORIENTATION, 1)
             plain = im.format == "JPEG" and im.mode in ("RGB", "L") and orientation == 1
             if plain and max(im.size) <= max_side:
+                im.load()  # decodes the whole file: a truncated one raises here
                 shutil.copyfile(src, tmp)
                 outcome = COPIED
             else:
