@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from engine.errors import UserError
 from engine.models import build_model
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What resuming reads from a last.pt (run.py, stages.run_all, train.fit).
+RESUME_KEYS = ("model", "optimizer", "stage", "step", "stage_done", "rng", "elapsed")
 
 
 def save(obj: dict, path: Path) -> None:
@@ -58,6 +62,18 @@ def read(path: str | os.PathLike) -> dict:
     return obj
 
 
+def read_resume(path: Path) -> dict:
+    """A last.pt to resume from; a file without what resuming needs (a bare state dict, a
+    stage checkpoint of another tool) is a user error naming run.resume and the file."""
+    ckpt = read(path)
+    if missing := [k for k in RESUME_KEYS if k not in ckpt]:
+        raise UserError(
+            f"recipe key 'run.resume': {path} is not a last.pt of this engine (it lacks "
+            f"{', '.join(missing)}); name a run folder or its checkpoints/last.pt"
+        )
+    return ckpt
+
+
 def state_dict_of(obj: dict) -> dict[str, torch.Tensor]:
     """The model weights of an engine checkpoint or of a bare (torchvision-format) state dict,
     with DDP / torch.compile prefixes removed."""
@@ -90,13 +106,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def new_run_dir(run_root: Path, name: str) -> Path:
+    """A fresh run folder, `<name>-<UTC timestamp>`: the names find_resume looks for."""
+    return run_root / f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+
+
 def find_resume(run_root: Path, name: str) -> Path | None:
     """The newest run folder of recipe `name` under `run_root` that has checkpoints/last.pt
-    and no summary.json (that is, did not finish)."""
+    and no summary.json (that is, did not finish). Only folders named as new_run_dir names
+    them count: recipe `tiny` must not pick up a run of recipe `tiny-b`."""
     if not run_root.is_dir():
         return None
+    pattern = re.compile(rf"{re.escape(name)}-\d{{8}}T\d{{6}}Z")
     candidates = sorted(
-        (d for d in run_root.glob(f"{name}-*") if d.is_dir()), key=lambda d: d.name, reverse=True
+        (d for d in run_root.iterdir() if d.is_dir() and pattern.fullmatch(d.name)),
+        key=lambda d: d.name,
+        reverse=True,
     )
     for d in candidates:
         if (d / "checkpoints" / "last.pt").is_file() and not (d / "summary.json").exists():

@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from engine.errors import UserError
+from engine.models import ARCHS
+from engine.prune.structured import check_fraction
 
 
 def opt(default: Any, help: str, **checks: Any) -> Any:
@@ -350,13 +352,17 @@ def apply_override(raw: dict, item: str) -> None:
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
         if isinstance(node, list):
             node = node[_index(node, part, parts[: i + 1])]
-            continue
-        if not isinstance(node.get(part), (dict, list)):
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
+        else:
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = [] if parts[i + 1].isdigit() else {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise UserError(
+                f"override key '{key}': '{'.'.join(parts[: i + 1])}' is {_show(node)}, "
+                "which has no keys or items"
+            )
     last = parts[-1]
     if isinstance(node, list):
         node[_index(node, last, parts)] = value
@@ -489,6 +495,11 @@ def _show(value: Any) -> str:
 def validate(r: Recipe) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", r.name):
         raise UserError(f"recipe key 'name': {r.name!r} may hold only letters, digits, _ . -")
+    if r.model.arch not in ARCHS:
+        raise UserError(
+            f"recipe key 'model.arch': unknown architecture {r.model.arch!r} "
+            f"(allowed: {', '.join(ARCHS)})"
+        )
     d = r.data
     if d.backend == "synthetic" and d.steps_per_epoch == 0:
         raise UserError("recipe key 'data.steps_per_epoch': the synthetic backend needs it > 0")
@@ -554,6 +565,11 @@ def _validate_prune(r: Recipe, stage: PruneStage, i: int) -> None:
             raise UserError(f"recipe key '{key}.fraction': give exactly one of fraction, setting")
         if any(isinstance(x, PruneStage) for x in r.stages[:i]):
             raise UserError(f"recipe key '{key}': structured pruning must be the first prune stage")
+        try:
+            check_fraction(r.model.arch, r.model.num_classes, stage.setting or stage.fraction)
+        except ValueError as e:
+            which = "setting" if stage.setting else "fraction"
+            raise UserError(f"recipe key '{key}.{which}': {e}") from None
         return
     if stage.fraction or stage.setting:
         raise UserError(f"recipe key '{key}.fraction': {stage.method} takes sparsity")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from engine.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -81,6 +83,7 @@ def init(device: str = "auto") -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
+        check_gpu(local_rank)
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -98,6 +101,23 @@ def init(device: str = "auto") -> Dist:
         device_id=dev if use_cuda else None,
     )
     return Dist(rank, world, local_rank, dev, backend)
+
+
+def check_gpu(local_rank: int) -> None:
+    """CUDA was asked for: this process needs a GPU of its own, else a user error (not
+    torch's RuntimeError traceback from set_device)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(
+            "recipe key 'run.device': cuda, but torch sees no CUDA GPU here "
+            "(use run.device=cpu or auto)"
+        )
+    if local_rank >= count:
+        raise UserError(
+            f"recipe key 'run.device': cuda for local rank {local_rank}, but this machine has "
+            f"{count} GPU(s); start at most {count} processes per node (torchrun "
+            f"--nproc_per_node)"
+        )
 
 
 def _store(world: int, timeout: datetime.timedelta) -> tdist.Store:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -66,18 +65,17 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
         last = path / "checkpoints" / "last.pt"
         if auto and last.is_file():
             return path, last
-        if (path / "metrics.jsonl").exists():
+        if not auto and (path / "metrics.jsonl").exists():
             raise UserError(
                 f"recipe key 'run.dir': {path} already holds a run; add run.resume=auto to "
                 "continue it, or choose another folder"
             )
-        return path, None
+        return path, None  # with auto and no last.pt: it stopped before one, start afresh
     if auto:
         found = checkpoint.find_resume(Path("runs"), recipe.name)
         if found is not None:
             return found, found / "checkpoints" / "last.pt"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("runs") / f"{recipe.name}-{stamp}", None
+    return checkpoint.new_run_dir(Path("runs"), recipe.name), None
 
 
 def train(recipe: Recipe, dist: Dist) -> int:
@@ -86,7 +84,7 @@ def train(recipe: Recipe, dist: Dist) -> int:
         if dist.is_main:
             print(f"{run_dir} has finished already (summary.json); nothing to do")
         return 0
-    resume = checkpoint.read(resume_path) if resume_path is not None else None
+    resume = checkpoint.read_resume(resume_path) if resume_path is not None else None
     if dist.is_main:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -97,11 +95,12 @@ def train(recipe: Recipe, dist: Dist) -> int:
             raise UserError(
                 f"recipe key 'run.dir': cannot write to {run_dir} ({e.strerror})"
             ) from None
-        if resume is None:
+        if resume is None:  # a fresh start, maybe over a run that stopped before last.pt
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             write_config(run_dir, config.to_dict(recipe))
     env = environment(dist.world_size, dist.device)
     if dist.is_main:
-        write_env(run_dir, env)
+        record_env(run_dir, env, resumed=resume is not None)
     dist.barrier()
 
     set_determinism(recipe.run.deterministic, dist.device)
@@ -138,6 +137,20 @@ def train(recipe: Recipe, dist: Dist) -> int:
     return 0
 
 
+def record_env(run_dir: Path, env: dict, resumed: bool) -> None:
+    """env.json describes the first start (its command line included); each resume is
+    appended to its `resumes` list rather than replacing it."""
+    path = run_dir / "env.json"
+    if resumed:
+        try:
+            first = json.loads(path.read_text())
+        except (OSError, ValueError):  # missing, or torn by a kill mid-write
+            first = None
+        if isinstance(first, dict):
+            env = {**first, "resumes": [*first.get("resumes", []), env]}
+    write_env(run_dir, env)
+
+
 def set_determinism(on: bool, device: torch.device) -> None:
     """run.deterministic: deterministic kernels everywhere (cuDNN autotuning off, slower);
     otherwise let cuDNN pick the fastest convolution algorithms for the fixed input shapes."""
@@ -172,8 +185,33 @@ def check_changes(ctx: Context, ckpt: dict) -> None:
         ctx.say(f"warning: the recipe changed since the run began: {listed}")
 
 
+def check_layout(ctx: Context, ckpt: dict) -> None:
+    """Resuming inside a stage needs the same processes, per-process batch and epoch length:
+    the saved step indexes the epoch, the data order and the schedule, so any other split
+    would silently train on other data at another LR. Between stages they may change."""
+    if ckpt["stage_done"]:
+        return
+    was = {
+        "processes": ckpt.get("world_size"),  # absent in checkpoints of older versions
+        "data.batch_size": config.flatten(ckpt.get("config", {})).get("data.batch_size"),
+        "steps per epoch": ckpt.get("steps_per_epoch"),
+    }
+    now = {
+        "processes": ctx.dist.world_size,
+        "data.batch_size": ctx.recipe.data.batch_size,
+        "steps per epoch": len(ctx.train_loader),
+    }
+    if differs := [f"{k} {was[k]} -> {now[k]}" for k in was if was[k] not in (None, now[k])]:
+        raise UserError(
+            f"recipe key 'run.resume': {ctx.run_dir} stopped inside stage {ckpt['stage']} "
+            f"(step {ckpt['step']}), which cannot go on with another data split "
+            f"({', '.join(differs)}); resume with the values it had"
+        )
+
+
 def restore(ctx: Context, ckpt: dict) -> None:
     """Put a last.pt back: architecture, weights, masks, RNG; trim the metrics log to it."""
+    check_layout(ctx, ckpt)
     check_changes(ctx, ckpt)
     ctx.adopt(ckpt, f"recipe key 'model.arch': the run to resume ({ctx.run_dir})")
     checkpoint.set_rng_state(ckpt["rng"])

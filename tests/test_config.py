@@ -78,7 +78,23 @@ def test_env_expansion(tmp_path, monkeypatch):
         (lambda b: None, ["data.batch_size=1.5"], "'data.batch_size': expected an integer"),
         (lambda b: None, ["data.batch_size=0"], "'data.batch_size': 0 is below the minimum 1"),
         (lambda b: None, ["precision.amp=fp8"], "'precision.amp': 'fp8' is not one of"),
-        (lambda b: None, ["model.arch=resnet99"], None),
+        (lambda b: None, ["model.arch=resnet99"], "'model.arch': unknown architecture 'resnet99'"),
+        (lambda b: None, ["schedule.milestones.0.x=1"], "'schedule.milestones.0.x': "),
+        (
+            lambda b: b.__setitem__(
+                "stages", [{"train": {}}, {"prune": {"method": "l1_filter", "setting": "B"}}]
+            ),
+            [],
+            "'stages.1.prune.setting': no pruning setting 'B' for resnet20",
+        ),
+        (
+            lambda b: b.__setitem__(
+                "stages",
+                [{"train": {}}, {"prune": {"method": "random_filter", "fraction": [0.5, 0.5]}}],
+            ),
+            [],
+            "'stages.1.prune.fraction': resnet20 needs 3 fractions",
+        ),
         (lambda b: None, ["schedule.milestones=[3,2]"], "'schedule.milestones'"),
         (lambda b: b.__setitem__("stages", [{"trian": {}}]), [], "did you mean 'train'?"),
         (lambda b: b.__setitem__("stages", []), [], "'stages'"),
@@ -95,13 +111,25 @@ def test_bad_recipes_name_the_key(tmp_path, mutate, overrides, fragment):
     body = base(tmp_path, optim={})
     mutate(body)
     path = write(tmp_path, body)
-    if fragment is None:  # caught later, when the model is built
-        config.load(path, overrides)
-        return
     with pytest.raises(UserError) as e:
         config.load(path, overrides)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_structured_setting_is_checked_before_any_work(tmp_path):
+    body = base(tmp_path, name="pfec", run={"dir": str(tmp_path / "run")})
+    body["stages"] = [{"train": {}}, {"prune": {"method": "l1_filter", "setting": "B"}}]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.run", str(write(tmp_path, body)), "run.device=cpu"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    (err,) = proc.stderr.strip().splitlines()
+    assert err.startswith("error: recipe key 'stages.1.prune.setting': no pruning setting 'B' for")
+    assert not (tmp_path / "run").exists()  # stopped before the run folder, let alone training
 
 
 def test_malformed_yaml(tmp_path):

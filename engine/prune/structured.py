@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
+from engine.models import build_model
 from engine.prune import settings
 from engine.prune.surgery import slice_
 
@@ -104,6 +105,18 @@ def _widths(
             )
         return [_kept(c, fraction[u.group]) for u, c in zip(units, n, strict=True)]
     return [_kept(c, fraction) for c in n]
+
+
+def check_fraction(arch: str, num_classes: int, fraction: float | Sequence[float] | str) -> None:
+    """Raise select_filters' ValueError for a setting name or fractions that do not fit `arch`,
+    from layer shapes alone (a weightless meta-device model): recipes are checked up front."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes)
+    units = _units(model, arch)
+    for u, k in zip(units, _widths(model, arch, units, fraction), strict=True):
+        n = model.get_submodule(u.conv).out_channels
+        if not 1 <= k <= n:
+            raise ValueError(f"cannot keep {k} of the {n} filters of {u.conv}")
 
 
 def _rounded(k: int, n: int, multiple: int) -> int:

@@ -1,0 +1,138 @@
+"""Choosing what to resume, and refusing resumes that cannot continue the run: another recipe's
+folder, a foreign checkpoint, a mid-stage change of the data split; a missing GPU."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.checkpoint
+from engine import checkpoint, distributed
+from engine.errors import UserError
+from engine.models import build_model
+from engine.run import main
+from tests.conftest import tiny_recipe
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+
+
+def one_error_line(capsys) -> str:
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+def test_auto_resume_finds_only_this_recipes_runs(tmp_path):
+    for name in ("tiny-20250101T000000Z", "tiny-b-20250102T000000Z", "tiny-old"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "last.pt").write_bytes(b"")
+    assert checkpoint.find_resume(tmp_path, "tiny") == tmp_path / "tiny-20250101T000000Z"
+    assert checkpoint.find_resume(tmp_path, "tiny-b") == tmp_path / "tiny-b-20250102T000000Z"
+    assert checkpoint.new_run_dir(tmp_path, "t").name.startswith("t-20")
+
+
+def test_auto_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(
+    tmp_path, demo_root, monkeypatch, capsys
+):
+    straight = tiny_recipe(tmp_path / "a" / "r.yaml", demo_root, schedule={"epochs": 1})
+    assert main([str(straight)]) == 0
+
+    recipe = tiny_recipe(tmp_path / "b" / "r.yaml", demo_root, schedule={"epochs": 1})
+    run = tmp_path / "b" / "run"
+
+    def killed(obj, path):
+        raise RuntimeError("killed before the first checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.checkpoint, "save", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            main([str(recipe)])
+    assert rows(run) and not (run / "checkpoints" / "last.pt").exists()
+    capsys.readouterr()
+    assert main([str(recipe)]) == 2  # without resume=auto the folder is still protected
+    assert "already holds a run; add run.resume=auto" in one_error_line(capsys)
+
+    assert main([str(recipe), "run.resume=auto"]) == 0
+    steps = [(r["kind"], r["step"]) for r in rows(run)]
+    assert steps == [(r["kind"], r["step"]) for r in rows(tmp_path / "a" / "run")]
+    for key, value in last(tmp_path / "a" / "run")["model"].items():
+        assert torch.equal(value, last(run)["model"][key]), key
+
+
+def test_resume_from_a_bare_state_dict_is_a_user_error(tmp_path, demo_root, capsys):
+    bare = tmp_path / "x" / "y" / "bare.pt"
+    bare.parent.mkdir(parents=True)
+    torch.save(build_model("resnet20", 4).state_dict(), bare)
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
+    assert main([str(recipe), f"run.resume={bare}"]) == 2
+    line = one_error_line(capsys)
+    assert "recipe key 'run.resume'" in line and str(bare) in line and "elapsed" in line
+    assert not (tmp_path / "x" / "run").exists() and not (tmp_path / "run").exists()
+
+
+def test_mid_stage_resume_refuses_another_batch_or_world_size(tmp_path, demo_root, capsys):
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
+    run = tmp_path / "run"
+    assert main([str(recipe), "run.stop_after_epochs=1"]) == 0
+    assert not last(run)["stage_done"]
+    capsys.readouterr()
+    assert main([str(recipe), "run.resume=auto", "data.batch_size=8"]) == 2
+    line = one_error_line(capsys)
+    assert "recipe key 'run.resume'" in line and "data.batch_size 16 -> 8" in line
+
+    ckpt = last(run)
+    torch.save({**ckpt, "world_size": 2, "steps_per_epoch": 6}, run / "checkpoints" / "last.pt")
+    assert main([str(recipe), "run.resume=auto"]) == 2
+    line = one_error_line(capsys)
+    assert "processes 2 -> 1" in line and "data.batch_size" not in line
+
+    torch.save({**ckpt, "world_size": 1, "steps_per_epoch": 6}, run / "checkpoints" / "last.pt")
+    assert main([str(recipe), "run.resume=auto"]) == 0
+    assert [r["step"] for r in rows(run) if r["kind"] == "eval"] == [6, 12, 18]
+
+
+def test_batch_size_may_change_between_stages(tmp_path, demo_root, capsys):
+    stages = [{"train": {"epochs": 1}}, {"train": {"epochs": 1}}]
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root, stages=stages)
+    assert main([str(recipe), "run.stop_after_epochs=1"]) == 0
+    assert last(tmp_path / "run")["stage_done"]
+    assert main([str(recipe), "run.resume=auto", "data.batch_size=8"]) == 0
+    assert "data.batch_size: 16 -> 8" in capsys.readouterr().out  # listed, not refused
+
+
+def test_env_json_keeps_the_first_start_and_lists_resumes(tmp_path, demo_root, monkeypatch):
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
+    for argv in (["first", "run.stop_after_epochs=1"], ["second", "run.resume=auto"]):
+        monkeypatch.setattr(sys, "argv", ["engine.run", *argv])
+        assert main([str(recipe), *argv[1:]]) == 0
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["argv"][1] == "first" and env["world_size"] == 1
+    assert [e["argv"][1] for e in env["resumes"]] == ["second"]
+
+
+def test_unknown_arch_stops_before_the_run_folder(tmp_path, demo_root, capsys):
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
+    assert main([str(recipe), "model.arch=resnet99"]) == 2
+    assert "recipe key 'model.arch': unknown architecture 'resnet99'" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_without_a_gpu_is_a_user_error(tmp_path, demo_root, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
+    assert main([str(recipe), "run.device=cuda"]) == 2
+    assert "recipe key 'run.device': cuda, but torch sees no CUDA GPU" in one_error_line(capsys)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="'run.device': cuda for local rank 1, but this machine"):
+        distributed.init("cuda")
