@@ -67,16 +67,10 @@ class MaskedSGD(torch.optim.SGD):
 
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:  # zeros: the kernel's first step is buf = g
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
             kernels.masked_sgd_(
                 params,
                 [p.grad for p in params],
-                bufs,
+                [self.state[p]["momentum_buffer"] for p in params],
                 [self.masks.get(p) for p in params],
                 lr=group["lr"],
                 momentum=group["momentum"],
@@ -106,7 +100,7 @@ def build(
     )
     groups = param_groups(model, cfg)
     if not masks:
-        return torch.optim.SGD(groups, **kwargs)
+        return with_momentum_buffers(torch.optim.SGD(groups, **kwargs))
     named = dict(model.named_parameters())
     by_param = {  # each mask in its weight's memory format: the kernel reads both in one order
         named[name]: torch.empty_like(named[name], dtype=torch.bool).copy_(mask)
@@ -115,7 +109,29 @@ def build(
     fused_masked = on_cuda and cfg.fused_masked
     if fused_masked:
         kwargs.update(fused=None, foreach=None)
-    return MaskedSGD(groups, by_param, fused_masked, **kwargs)
+    return with_momentum_buffers(MaskedSGD(groups, by_param, fused_masked, **kwargs))
+
+
+def with_momentum_buffers(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Give every parameter a zero momentum buffer now (with dampening 0, the first step
+    then makes it the gradient, as torch's SGD does). torch's fused SGD otherwise makes them
+    with empty_like at its first step and keeps them uninitialised when that step is skipped
+    (found_inf: an fp16 GradScaler's first steps usually are); the Triton kernel wants them."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    return opt
+
+
+def load_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this optimizer's implementation (fused,
+    foreach): one written on another device or with another optim.fused_masked brings its own,
+    which would not match how this optimizer steps."""
+    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, kept in zip(opt.param_groups, flags, strict=True):
+        group.update(kept)
+    with_momentum_buffers(opt)  # a state saved before its first step has none
 
 
 def step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:

@@ -6,13 +6,27 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+
+# Under torchrun one stop often arrives twice: Ctrl-C reaches the workers and the agent, which
+# then sends SIGTERM to its workers (so does a scheduler that signals both). A second signal
+# this soon after the first is taken as the same request; torchrun's own SIGKILL after its
+# grace period (30 s) still ends a worker that cannot stop.
+TORCHRUN_SECOND_SIGNAL_S = 5.0
 
 
 class StopRequest:
-    """A flag the training loop polls (a host-side bool: no device work, no sync)."""
+    """A flag the training loop polls (a host-side bool: no device work, no sync). A second
+    signal within `same_within_s` of the first counts as the same request (default: 5 s under
+    torchrun, 0 otherwise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, same_within_s: float | None = None) -> None:
         self.signal: int | None = None
+        self.at = 0.0
+        if same_within_s is None:
+            torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+            same_within_s = TORCHRUN_SECOND_SIGNAL_S if torchrun else 0.0
+        self.same_within_s = same_within_s
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -20,9 +34,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signal is not None:
+            if time.monotonic() - self.at < self.same_within_s:
+                return
             print(f"\nsecond {signal.Signals(signum).name}: exiting now", file=sys.stderr)
             os._exit(128 + signum)
-        self.signal = signum
+        self.signal, self.at = signum, time.monotonic()
         print(
             f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
             "(send again to exit at once)",

@@ -18,7 +18,7 @@ from engine.errors import UserError
 from engine.evaluate import evaluate
 from engine.logging import MetricsLog
 from engine.preemption import Interrupted, StopRequest
-from engine.train import StagePlan, amp_dtype, fit, memory_format
+from engine.train import StagePlan, amp_dtype, fit, memory_format, stop_code
 
 
 @dataclass
@@ -82,6 +82,8 @@ class Context:
             raise UserError(
                 f"{where}: weights do not fit model.arch={self.arch['name']} ({first})"
             ) from None
+        if self.masks:  # a bare state dict after pruning: its pruned weights start at zero
+            prune.apply_masks_(self.model, self.masks)
         self.model.to(self.dist.device, memory_format=memory_format(self.recipe.precision))
 
     def save_rewind(self, epoch: int) -> None:
@@ -132,6 +134,8 @@ class Context:
             "rng": checkpoint.rng_state(),
             "elapsed": self.log.elapsed(),
             "results": self.results,
+            "world_size": self.dist.world_size,  # a stage resumes only with the same split
+            "steps_per_epoch": len(self.train_loader),
         }
 
     def save_last(self, stage: int, step: int, opt=None, scaler=None, done: bool = False) -> None:
@@ -278,7 +282,13 @@ def run_all(ctx: Context, resume: dict | None) -> list[dict]:
             path = ctx.run_dir / "checkpoints" / f"stage{index}-{stage.kind}.pt"
             checkpoint.save(ctx.state(index, steps, done=True), path)
             ctx.save_last(index, steps, done=True)
+        if index + 1 == len(ctx.recipe.stages):
+            break
         stop_after = ctx.recipe.run.stop_after_epochs
-        if stop_after and ctx.epochs_run >= stop_after and index + 1 < len(ctx.recipe.stages):
-            raise Interrupted(ctx.stop_message(steps), 0)
+        code = 0 if stop_after and ctx.epochs_run >= stop_after else None
+        if ctx.stop_requested(sync_point=True):  # all ranks: a signal during the stage's end
+            code = stop_code(ctx)
+        if code is not None:
+            ctx.dist.barrier()  # every rank exits after rank 0 has saved
+            raise Interrupted(ctx.stop_message(steps), code)
     return ctx.results

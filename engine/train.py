@@ -6,6 +6,7 @@ on log steps (every `log.every_steps`), where the all-reduce and `.item()` below
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,11 +73,14 @@ def make_step(net, opt, scaler, label_smoothing: float, dtype: torch.dtype | Non
     params = [p for group in opt.param_groups for p in group["params"]]
     found_inf = torch.zeros(1, device=device)
     one = torch.ones(1, device=device)
+    # Under DDP the grads are views of its all-reduce buckets: zero them in place, as new
+    # tensors (set_to_none) would be copied into the buckets every step.
+    to_none = not isinstance(getattr(net, "_orig_mod", net), DistributedDataParallel)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(net(images), labels, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=to_none)
         bad = ~torch.isfinite(loss.detach())
         if scaler is not None:
             # fp16: GradScaler skips overflowing steps by itself (dynamic loss scaling; not
@@ -128,7 +132,7 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
     scaler = torch.amp.GradScaler(dist.device.type) if dtype is torch.float16 else None
     step = 0
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
+        optim.load_state(opt, resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
@@ -142,6 +146,15 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
     # for non-finite values (in all, and in a row).
     window = torch.zeros(4, device=dist.device)  # loss sum, good steps, skipped, skipped in a row
     guard = StatsGuard(model)
+    stopping = False  # a stop request at an epoch's end waits for the epoch's eval and saves
+
+    def save_and_stop(message: str, code: int) -> None:
+        guard.sync(int(window[2].item()))  # host sync (a save is one): no skipped step's BN stats
+        ctx.save_last(plan.index, step, opt, scaler)
+        # Every rank waits for rank 0's last.pt: under torchrun, the first rank to exit gets
+        # the others killed.
+        dist.barrier()
+        raise Interrupted(message, code)
 
     if step == 0 and 0 in plan.rewind_epochs:
         ctx.save_rewind(0)
@@ -157,6 +170,8 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
         for i, (images, labels) in enumerate(loader):
             if i < skip:
                 continue
+            if i == skip > 0:  # the replayed batches count in no img/s
+                last_time = epoch_time = time.perf_counter()
             if step >= plan.total_steps:
                 break
             lr = plan.lr(step)
@@ -188,18 +203,20 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
                 window[:2].zero_()
                 last_step, last_time = step, now
                 if streak >= r.run.max_skipped_steps:
-                    ctx.save_last(plan.index, step, opt, scaler)
-                    raise Interrupted(
+                    save_and_stop(
                         f"stopped: {int(streak)} steps in a row had a non-finite loss or "
                         f"gradient and were skipped (run.max_skipped_steps); last.pt holds the "
                         f"last good weights (step {step}, nothing was applied since)",
                         3,
                     )
-            if r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0 and step % spe:
-                ctx.save_last(plan.index, step, opt, scaler)  # epoch ends save below
-            if ctx.stop_requested(sync_point=step % every == 0):
+            epoch_end = step % spe == 0 or step >= plan.total_steps  # its saves come below
+            if r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0 and not epoch_end:
+                guard.sync(int(window[2].item()))  # host sync (a save is one anyway)
                 ctx.save_last(plan.index, step, opt, scaler)
-                raise Interrupted(ctx.stop_message(step), 128 + ctx.stop.signal)
+            if ctx.stop_requested(sync_point=step % every == 0):
+                if not epoch_end:
+                    save_and_stop(ctx.stop_message(step), stop_code(ctx))
+                stopping = True  # after this epoch's eval, rewind point and checkpoint
         bar.close()
         guard.sync(int(window[2].item()))  # host sync: once per epoch, before eval and saving
         if epoch_steps:
@@ -219,9 +236,18 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
         ctx.epochs_run += 1
         if done_epoch in plan.rewind_epochs and step % spe == 0:
             ctx.save_rewind(done_epoch)
-        if not final and done_epoch % r.checkpoint.every_epochs == 0:
+        if final:  # the stage's checkpoints (and a stop requested now) are run_all's
+            break
+        if stopping:
+            save_and_stop(ctx.stop_message(step), stop_code(ctx))
+        if r.run.stop_after_epochs and ctx.epochs_run >= r.run.stop_after_epochs:
+            save_and_stop(ctx.stop_message(step), 0)
+        if done_epoch % r.checkpoint.every_epochs == 0:
             ctx.save_last(plan.index, step, opt, scaler)
-        if not final and r.run.stop_after_epochs and ctx.epochs_run >= r.run.stop_after_epochs:
-            ctx.save_last(plan.index, step, opt, scaler)
-            raise Interrupted(ctx.stop_message(step), 0)
     return result
+
+
+def stop_code(ctx) -> int:
+    """The exit code of a signal stop: 128 + the signal (SIGTERM on a rank that got none and
+    stops because another did)."""
+    return 128 + (ctx.stop.signal or signal.SIGTERM)
