@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         dist = distributed.init(recipe.run.device)
         return train(recipe, dist)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist is None or dist.is_main or not getattr(e, "from_main", False):
+            print(f"error: {e}", file=sys.stderr)  # rank 0's errors once, not once per rank
         return 2
     except Interrupted as e:
         if dist is None or dist.is_main:
@@ -78,30 +81,46 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
     return checkpoint.new_run_dir(Path("runs"), recipe.name), None
 
 
+def on_main(dist: Dist, decide: Callable[[], Any]) -> Any:
+    """`decide()` on rank 0, its result on every rank; a UserError it raises is raised on every
+    rank (printed by rank 0 only), so that no rank waits in a collective for one that quit."""
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = decide()
+        except UserError as e:
+            e.from_main = True
+            outcome = e
+    outcome = dist.broadcast_object(outcome)
+    if isinstance(outcome, UserError):
+        raise outcome
+    return outcome
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, env: dict, resumed: bool) -> None:
+    """Check that run_dir is writable; write config.yaml (fresh starts) and env.json."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"recipe key 'run.dir': cannot write to {run_dir} ({e.strerror})") from None
+    if not resumed:  # a fresh start, maybe over a run that stopped before last.pt
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_config(run_dir, config.to_dict(recipe))
+    record_env(run_dir, env, resumed)
+
+
 def train(recipe: Recipe, dist: Dist) -> int:
-    run_dir, resume_path = dist.broadcast_object(choose_run_dir(recipe) if dist.is_main else None)
+    run_dir, resume_path = on_main(dist, lambda: choose_run_dir(recipe))
     if (run_dir / "summary.json").exists():
         if dist.is_main:
             print(f"{run_dir} has finished already (summary.json); nothing to do")
         return 0
     resume = checkpoint.read_resume(resume_path) if resume_path is not None else None
-    if dist.is_main:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(
-                f"recipe key 'run.dir': cannot write to {run_dir} ({e.strerror})"
-            ) from None
-        if resume is None:  # a fresh start, maybe over a run that stopped before last.pt
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            write_config(run_dir, config.to_dict(recipe))
     env = environment(dist.world_size, dist.device)
-    if dist.is_main:
-        record_env(run_dir, env, resumed=resume is not None)
-    dist.barrier()
+    on_main(dist, lambda: prepare_run_dir(run_dir, recipe, env, resumed=resume is not None))
 
     set_determinism(recipe.run.deterministic, dist.device)
     torch.manual_seed(recipe.seed)  # identical initial weights on every rank
