@@ -88,13 +88,15 @@ def state_dict_of(obj: dict) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
+    """The host RNGs and this process's CUDA device's (not every visible device's: a rank that
+    resumes may see fewer GPUs than rank 0 did)."""
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -102,8 +104,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list):  # checkpoints before 2026-11-27 hold every visible device's
+        device = torch.cuda.current_device()
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 def new_run_dir(run_root: Path, name: str) -> Path:

@@ -187,17 +187,19 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
             bar.update()
             if step % every == 0:
                 n = step - last_step
-                sums = dist.all_reduce_sum(window[:2].clone())  # loss, good steps: all ranks
-                worst = dist.all_reduce_max(window[2:].clone())  # skips agree across ranks
+                bad_files = window.new_tensor([getattr(loader, "bad_files", 0)])
+                # loss, good steps, files replaced: all ranks; skips agree across ranks
+                sums = dist.all_reduce_sum(torch.cat([window[:2], bad_files]))
+                worst = dist.all_reduce_max(window[2:].clone())
                 # host sync: once per log interval
-                (loss_sum, good), (skipped, streak) = sums.tolist(), worst.tolist()
+                (loss_sum, good, bad_files), (skipped, streak) = sums.tolist(), worst.tolist()
                 guard.sync(int(skipped))
                 loss = loss_sum / good if good else None  # every step of the window skipped
                 now = time.perf_counter()
                 img_s = n * global_batch / (now - last_time)
                 ctx.log.write(
                     "train", plan.index, step / spe, step, lr=lr, loss=loss, img_per_s=img_s,
-                    skipped=int(skipped), bad_files=getattr(loader, "bad_files", 0),
+                    skipped=int(skipped), bad_files=int(bad_files),
                 )  # fmt: skip
                 bar.set_postfix(loss=loss, lr=f"{lr:.4g}", img_s=f"{img_s:.0f}")
                 window[:2].zero_()

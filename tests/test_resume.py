@@ -136,3 +136,23 @@ def test_cuda_without_a_gpu_is_a_user_error(tmp_path, demo_root, monkeypatch, ca
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(UserError, match="'run.device': cuda for local rank 1, but this machine"):
         distributed.init("cuda")
+
+
+def test_cuda_rng_state_is_this_devices(monkeypatch):
+    """The CUDA RNG state saved and restored is the process's own device's; older checkpoints'
+    per-device lists restore the matching entry, or nothing when that device is not there."""
+    states = {"current": torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: states["current"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: states.update(current=s))
+    saved = checkpoint.rng_state()
+    assert torch.equal(saved["cuda"], torch.tensor([1], dtype=torch.uint8))
+    states["current"] = torch.tensor([9], dtype=torch.uint8)
+    checkpoint.set_rng_state(saved)
+    assert int(states["current"]) == 1
+    old = [torch.tensor([k], dtype=torch.uint8) for k in (5, 6)]
+    checkpoint.set_rng_state({**saved, "cuda": old})
+    assert int(states["current"]) == 6
+    checkpoint.set_rng_state({**saved, "cuda": old[:1]})  # rank 1's device was not saved
+    assert int(states["current"]) == 6
