@@ -605,17 +605,17 @@ def rewind_source(r: Recipe, stage: RetrainStage, i: int) -> Path | int:
     key = f"stages.{i}.retrain"
     epoch = r.schedule.epochs - stage.epochs
     name = f"rewind-epoch{epoch}.pt"
+    if any(
+        isinstance(x, PruneStage) and x.method in ("l1_filter", "random_filter")
+        for x in r.stages[:i]
+    ):
+        raise UserError(f"recipe key '{key}.variant': wr supports unstructured pruning only")
     if stage.rewind_checkpoint:
         if not Path(stage.rewind_checkpoint).is_file():
             raise UserError(
                 f"recipe key '{key}.rewind_checkpoint': file not found: {stage.rewind_checkpoint}"
             )
         return Path(stage.rewind_checkpoint)
-    if any(
-        isinstance(x, PruneStage) and x.method in ("l1_filter", "random_filter")
-        for x in r.stages[:i]
-    ):
-        raise UserError(f"recipe key '{key}.variant': wr supports unstructured pruning only")
     trains = [x for x in r.stages[:i] if isinstance(x, TrainStage)]
     if trains:
         if epoch not in trains[-1].rewind_epochs:

@@ -170,23 +170,32 @@ def run_prune(ctx: Context, stage: PruneStage, index: int, resume: dict | None) 
     structured surgery; log sparsity, parameters, FLOPs and the per-layer table; evaluate."""
     r = ctx.recipe
     generator = torch.Generator().manual_seed(epoch_seed(r.seed, index, 0))  # same on all ranks
+    key = f"recipe key 'stages.{index}.prune'"
     if stage.method in prune.UNSTRUCTURED:
-        ctx.masks = prune.unstructured_masks(
-            ctx.model,
-            stage.method,
-            stage.sparsity,
-            scope=stage.scope if stage.method == "random" else None,
-            generator=generator,
-            masks=ctx.masks or None,
-            include_linear=stage.include_linear,
-            exclude_first=stage.exclude_first,
-            exclude_downsample=stage.exclude_downsample,
-        )
+        try:  # masks loaded from a checkpoint may not fit this stage's sparsity or layers
+            ctx.masks = prune.unstructured_masks(
+                ctx.model,
+                stage.method,
+                stage.sparsity,
+                scope=stage.scope if stage.method == "random" else None,
+                generator=generator,
+                masks=ctx.masks or None,
+                include_linear=stage.include_linear,
+                exclude_first=stage.exclude_first,
+                exclude_downsample=stage.exclude_downsample,
+            )
+        except ValueError as e:
+            raise UserError(f"{key}: {e}") from None
         flat = torch.cat([m.flatten() for m in ctx.masks.values()]).to(torch.uint8)
         if not ctx.dist.all_equal(flat):
             raise RuntimeError("pruning masks differ between ranks")
         prune.apply_masks_(ctx.model, ctx.masks)
     else:
+        if ctx.masks:
+            raise UserError(
+                f"{key}: {stage.method} removes filters, but the model holds unstructured masks "
+                "(loaded with its checkpoint); filter pruning must come before them"
+            )
         amount = stage.setting or stage.fraction
         try:
             prune.structured_prune_(
@@ -198,7 +207,7 @@ def run_prune(ctx: Context, stage: PruneStage, index: int, resume: dict | None) 
                 round_to=stage.round_to,
             )
         except ValueError as e:
-            raise UserError(f"recipe key 'stages.{index}.prune': {e}") from None
+            raise UserError(f"{key}: {e}") from None
         ctx.arch = checkpoint.arch_of(ctx.model, ctx.arch["name"], ctx.arch["num_classes"])
     rep = prune.report(ctx.model, ctx.masks or None)
     dense, effective = prune.count_flops(ctx.model, r.data.image_size, ctx.masks or None)
@@ -239,7 +248,14 @@ def rewind(ctx: Context, stage: RetrainStage, index: int) -> None:
     source = config.rewind_source(ctx.recipe, stage, index)
     if isinstance(source, int):
         source = ctx.run_dir / "checkpoints" / f"rewind-epoch{source}.pt"
-    ctx.model.load_state_dict(checkpoint.state_dict_of(checkpoint.read(source)))
+    try:
+        ctx.model.load_state_dict(checkpoint.state_dict_of(checkpoint.read(source)))
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(
+            f"recipe key 'stages.{index}.retrain': the rewind weights {source} do not fit the "
+            f"model ({first})"
+        ) from None
     prune.apply_masks_(ctx.model, ctx.masks)
     ctx.say(f"stage {index} wr: weights rewound to {source}")
 

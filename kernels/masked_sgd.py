@@ -49,8 +49,12 @@ def _update(w_ptrs, g_ptrs, b_ptrs, m_ptrs, live, keep_live, lr, scale, momentum
     b = momentum * b + g
     d = g + momentum * b if NESTEROV else b
     w = w - lr * d
-    tl.store(w_ptrs, tl.where(keep, w, 0.0).to(w_ptrs.dtype.element_ty), mask=live)
-    tl.store(b_ptrs, tl.where(keep, b, 0.0).to(b_ptrs.dtype.element_ty), mask=live)
+    # Round to nearest even, as torch does; compiled Triton does by default, but the CPU
+    # interpreter truncates unless asked.
+    w = tl.where(keep, w, 0.0).to(w_ptrs.dtype.element_ty, fp_downcast_rounding="rtne")
+    b = tl.where(keep, b, 0.0).to(b_ptrs.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(w_ptrs, w, mask=live)
+    tl.store(b_ptrs, b, mask=live)
 
 
 @triton.jit
@@ -174,17 +178,20 @@ def _key(
     momentum_buffers: Sequence[Tensor],
     masks: Sequence[Tensor | None],
 ) -> tuple:
-    """What a cached plan depends on: every tensor's address, and the grads' strides and dtypes.
+    """What a cached plan depends on: every tensor's address, the weights' sizes, and the grads'
+    strides and dtypes.
 
     Reading this key is the host cost of a step, so it holds only what can change between
     steps: autograd may allocate a new grad (a new address, or in principle another layout or
-    dtype). Weights, buffers and masks are taken to keep shape, strides and dtype while they keep
-    their address, as an optimizer's own tensors do.
+    dtype), and a new, smaller weight (after filter pruning) may land at a freed one's address.
+    Buffers and masks are taken to keep shape, strides and dtype while they keep their address,
+    as an optimizer's own tensors do.
     """
     ptr = Tensor.data_ptr
     return (
         params[0].device,
         tuple(map(ptr, params)),
+        tuple(map(Tensor.numel, params)),
         tuple(map(ptr, grads)),
         tuple(map(ptr, momentum_buffers)),
         tuple(m.data_ptr() if m is not None else 0 for m in masks),
@@ -208,9 +215,9 @@ def masked_sgd_triton_(
 ) -> None:
     """Masked SGD step in place with one Triton launch per dtype group; no host sync.
 
-    Validation and tables are cached by `_key` (reading it is the host cost of a step): a tensor
-    given another shape at the same address, or a weight, buffer or mask given other strides or
-    dtype there, is not detected.
+    Validation and tables are cached by `_key` (reading it is the host cost of a step): a buffer
+    or mask given another shape at the same address, or a weight, buffer or mask given other
+    strides or dtype there, is not detected.
     """
     for t in (lr, grad_scale, found_inf):
         if isinstance(t, Tensor) and t.device != params[0].device:

@@ -28,8 +28,8 @@ SHAPES = [(3,), (1,), (7, 5), (kernels.masked_sgd.CHUNK + 3,), (5, 3, 3, 3), (4,
           (kernels.masked_sgd.CHUNK // 8, 4, 2, 2)]  # fmt: skip
 CHANNELS_LAST = {4, 5, 6}
 # (weight/buffer dtype, grad dtype, tolerance): values are O(1); fp32 allows a few ulps (a GPU may
-# fuse multiply-adds), bf16 one or two bf16 ulps per step (the interpreter truncates fp32 -> bf16
-# where compiled Triton and torch round to nearest).
+# fuse multiply-adds), bf16 one or two bf16 ulps per step (the kernel asks for round-to-nearest-
+# even, which the interpreter does as round-half-up; its order of operations is not torch's).
 DTYPES = [
     (torch.float32, torch.float32, 2e-6),
     (torch.float32, torch.bfloat16, 2e-6),
@@ -234,3 +234,19 @@ def test_rejects_bad_masks():
         kernels.masked_sgd_(
             [w], [w], [w], [torch.ones(4, dtype=torch.bool)], lr=0.1, momentum=0.9, weight_decay=0
         )
+
+
+@pytest.mark.skipif(
+    not _INTERPRET, reason="the Triton path on CPU tensors needs TRITON_INTERPRET=1"
+)
+def test_a_smaller_weight_at_a_cached_address_gets_a_new_plan():
+    """A weight shrunk by filter pruning may land at a freed weight's address: the plan cached
+    for the larger one must not update past its end."""
+    bases = [torch.zeros(6000) for _ in range(4)]  # weight, grad, buffer, mask
+    bases[3] = bases[3].bool() | True
+    for n in (5000, 100):
+        w, g, b, m = (t[:n] for t in bases)
+        g.fill_(1.0)
+        kernels.masked_sgd_([w], [g], [b], [m], lr=0.1, momentum=0.0, weight_decay=0.0)
+    assert torch.all(bases[0][100:5000] == -0.1)  # the first step's alone
+    assert torch.all(bases[0][:100] == -0.2)

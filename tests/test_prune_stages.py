@@ -201,3 +201,43 @@ def test_a_load_stage_keeps_pruned_widths_and_masks(tmp_path, demo_root):
     assert all(torch.equal(before[k], kept["masks"][k]) for k in before)
     for name, mask in kept["masks"].items():
         assert torch.count_nonzero(kept["model"][name][~mask]) == 0, name
+
+
+def test_pruning_what_a_loaded_checkpoint_cannot_take_is_a_user_error(tmp_path, demo_root, capsys):
+    """Masks loaded with a checkpoint stop a lower sparsity and filter pruning (one line, exit
+    2, no traceback); wr after filter pruning is refused before any work even with a rewind
+    file; a rewind file of another shape is a user error too."""
+    masked = [{"train": {"epochs": 1}}, {"prune": {"method": "global_magnitude", "sparsity": 0.8}}]
+    first = tiny_recipe(tmp_path / "a.yaml", demo_root, schedule={"epochs": 2}, stages=masked)
+    assert main([str(first), "run.dir=" + str(tmp_path / "a")]) == 0
+    last = str(tmp_path / "a" / "checkpoints" / "last.pt")
+    capsys.readouterr()
+    for n, (prune, says) in enumerate(
+        [
+            ({"method": "global_magnitude", "sparsity": 0.5}, "below the existing 0.8000"),
+            ({"method": "l1_filter", "fraction": 0.5}, "holds unstructured masks"),
+        ]
+    ):
+        stages = [{"load": {"checkpoint": last}}, {"prune": prune}]
+        again = tiny_recipe(tmp_path / f"b{n}.yaml", demo_root, stages=stages)
+        assert main([str(again), f"run.dir={tmp_path / f'b{n}'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: recipe key 'stages.1.prune'") and says in err, err
+        assert len(err.strip().splitlines()) == 1
+
+    wr = [
+        {"train": {"epochs": 1}},
+        {"prune": {"method": "l1_filter", "fraction": 0.5}},
+        {"retrain": {"variant": "wr", "epochs": 1, "rewind_checkpoint": last}},
+    ]
+    recipe = tiny_recipe(tmp_path / "c.yaml", demo_root, schedule={"epochs": 2}, stages=wr)
+    assert main([str(recipe), f"run.dir={tmp_path / 'c'}"]) == 2
+    assert "wr supports unstructured pruning only" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+    other = tmp_path / "other.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, other)
+    wr = masked + [{"retrain": {"variant": "wr", "epochs": 1, "rewind_checkpoint": str(other)}}]
+    recipe = tiny_recipe(tmp_path / "d.yaml", demo_root, schedule={"epochs": 2}, stages=wr)
+    assert main([str(recipe), f"run.dir={tmp_path / 'd'}"]) == 2
+    assert "the rewind weights" in capsys.readouterr().err
