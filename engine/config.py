@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import types
@@ -499,6 +500,11 @@ def validate(r: Recipe) -> None:
         raise UserError(
             f"recipe key 'model.arch': unknown architecture {r.model.arch!r} "
             f"(allowed: {', '.join(ARCHS)})"
+        )
+    if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # every rank
+        raise UserError(
+            "recipe key 'log.tensorboard': the tensorboard package is not installed "
+            "(pip install 'engine[tensorboard]')"
         )
     d = r.data
     if d.backend == "synthetic" and d.steps_per_epoch == 0:

@@ -28,14 +28,9 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.start = time.time() - elapsed
         self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "recipe key 'log.tensorboard': the tensorboard package is not installed "
-                    "(pip install 'engine[tensorboard]')"
-                ) from None
+        if enabled and tensorboard:  # config.validate checked that tensorboard is installed
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def elapsed(self) -> float:
@@ -60,8 +55,16 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
+        lines = self.path.read_text().splitlines()
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if n == len(lines):  # torn by the crash (a full disk, a kill mid-write)
+                    break
+                raise UserError(
+                    f"{self.path}: line {n} is not JSON; the metrics log is damaged"
+                ) from None
             before = row["stage"] < stage or (row["stage"] == stage and row["step"] <= step)
             ended = row["stage"] == stage and row.get("event") == "end"
             if before and not ended:
@@ -93,22 +96,19 @@ def write_config(run_dir: Path, config: dict) -> None:
 
 
 def git_commit() -> str | None:
-    """The code version: the commit of the checkout this package runs from, '+dirty' if edited."""
+    """The code version: the commit of the checkout this package runs from, '+dirty' if it has
+    edits or new files git does not ignore; None outside a git checkout with commits."""
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        sha, status = (
+            subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=10)
+            for cmd in (["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain"])
+        )
     except (OSError, subprocess.SubprocessError):
         return None
-    return (sha + ("+dirty" if dirty else "")) or None
+    if sha.returncode or status.returncode:
+        return None
+    return sha.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 def environment(world_size: int, device: torch.device) -> dict:
@@ -127,6 +127,12 @@ def environment(world_size: int, device: torch.device) -> dict:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "argv": sys.argv,
+        "cwd": os.getcwd(),  # relative paths in the recipe and argv are from here
+        "executable": sys.executable,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version()))
+        if torch.cuda.is_available()
+        else None,
         "git_commit": git_commit(),
     }
     for name in ("triton", "nvidia.dali"):

@@ -8,24 +8,26 @@ import signal
 import sys
 import time
 
-# Under torchrun one stop often arrives twice: Ctrl-C reaches the workers and the agent, which
-# then sends SIGTERM to its workers (so does a scheduler that signals both). A second signal
-# this soon after the first is taken as the same request; torchrun's own SIGKILL after its
-# grace period (30 s) still ends a worker that cannot stop.
-TORCHRUN_SECOND_SIGNAL_S = 5.0
+# Under a parent that passes signals on (torchrun's agent; the study runner, which sets
+# FORWARDED_ENV) one stop often arrives twice: Ctrl-C or a scheduler's SIGTERM reaches the whole
+# process group, parent included, and the parent sends its own. A second signal this soon after
+# the first is taken as the same request; torchrun's SIGKILL after its grace period (30 s)
+# still ends a worker that cannot stop.
+SAME_SIGNAL_S = 5.0
+FORWARDED_ENV = "ENGINE_SIGNALS_FORWARDED"
 
 
 class StopRequest:
     """A flag the training loop polls (a host-side bool: no device work, no sync). A second
     signal within `same_within_s` of the first counts as the same request (default: 5 s under
-    torchrun, 0 otherwise)."""
+    a parent that forwards signals, 0 otherwise)."""
 
     def __init__(self, same_within_s: float | None = None) -> None:
         self.signal: int | None = None
         self.at = 0.0
         if same_within_s is None:
-            torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-            same_within_s = TORCHRUN_SECOND_SIGNAL_S if torchrun else 0.0
+            forwarded = "TORCHELASTIC_RUN_ID" in os.environ or FORWARDED_ENV in os.environ
+            same_within_s = SAME_SIGNAL_S if forwarded else 0.0
         self.same_within_s = same_within_s
 
     def install(self) -> None:

@@ -3,7 +3,6 @@ folder). Each stage kind is a function registered in RUNNERS; new kinds slot in 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ class Context:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)
     epochs_run: int = 0  # by this process, for run.stop_after_epochs
+    stage_began: float = 0.0  # the run's elapsed seconds when the current stage began
     code_version: str | None = None  # git commit of the engine, recorded in checkpoints
 
     @property
@@ -134,6 +134,7 @@ class Context:
             "rng": checkpoint.rng_state(),
             "elapsed": self.log.elapsed(),
             "results": self.results,
+            "stage_began": self.stage_began,
             "world_size": self.dist.world_size,  # a stage resumes only with the same split
             "steps_per_epoch": len(self.train_loader),
         }
@@ -279,10 +280,12 @@ def run_all(ctx: Context, resume: dict | None) -> list[dict]:
             continue
         mid_stage = resume if resume is not None and index == resume["stage"] else None
         if mid_stage is None:
+            ctx.stage_began = ctx.log.elapsed()
             ctx.log.write("stage", index, 0.0, 0, event="start", name=stage.kind)
-        began = time.time()
+        else:  # the stage's time counts its earlier processes too
+            ctx.stage_began = mid_stage.get("stage_began", ctx.log.elapsed())
         result = RUNNERS[stage.kind](ctx, stage, index, mid_stage)
-        result["seconds"] = round(time.time() - began, 1)
+        result["seconds"] = round(ctx.log.elapsed() - ctx.stage_began, 1)
         ctx.results.append({"stage": index, "kind": stage.kind, **result})
         steps = len(ctx.train_loader) * result.get("epochs", 0)
         ctx.log.write(

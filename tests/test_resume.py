@@ -156,3 +156,47 @@ def test_cuda_rng_state_is_this_devices(monkeypatch):
     assert int(states["current"]) == 6
     checkpoint.set_rng_state({**saved, "cuda": old[:1]})  # rank 1's device was not saved
     assert int(states["current"]) == 6
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """A crash mid-write (a full disk) leaves half a line at the end: resuming drops it; a
+    damaged line before the end is a user error, not a traceback."""
+    from engine.logging import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    log.write("train", 0, 0.5, 2, loss=1.0)
+    log.write("train", 0, 1.0, 4, loss=0.9)
+    good = log.path.read_text()
+    log.path.write_text(good + '{"kind": "train", "sta')
+    log.truncate_after(0, 4)
+    assert log.path.read_text() == good
+    log.path.write_text('{"kind": "tr\n' + good)
+    with pytest.raises(UserError, match="line 1 is not JSON"):
+        log.truncate_after(0, 4)
+
+
+def test_tensorboard_missing_is_found_before_any_work(tmp_path, demo_root, monkeypatch, capsys):
+    """Every rank validates the recipe, so a missing tensorboard package stops all of them
+    with one line before the run folder is made."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+    )
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root, log={"tensorboard": True})
+    assert main([str(recipe)]) == 2
+    assert "recipe key 'log.tensorboard'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_seconds_count_every_process_of_a_resumed_stage(tmp_path, demo_root):
+    """A stage stopped and resumed reports the time of both processes, as the run does."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
+    assert main([str(recipe), "run.stop_after_epochs=2"]) == 0
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert main([str(recipe), "run.resume=auto"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"][0]["seconds"] >= round(first["elapsed"] - first["stage_began"], 1)

@@ -12,6 +12,7 @@ import yaml
 
 from engine import config, study
 from engine.errors import UserError
+from engine.study.report import last_error
 from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +146,8 @@ def test_print_gives_one_command_per_cell_with_references_resolved(tmp_path, dem
     script = tmp_path / "submit.sh"
     assert study.main([str(path), "--print", str(script)]) == 0
     jobs = [ln for ln in script.read_text().splitlines() if "sbatch" in ln]
-    assert len(jobs) == 6 and jobs[0].startswith("j_dense_s0=$(sbatch --parsable -N1 ")
+    assert len(jobs) == 6
+    assert jobs[0].startswith("j_dense_s0=$(sbatch --parsable --kill-on-invalid-dep=yes -N1 ")
     assert "--dependency=afterok:$j_dense_s1 --wrap 'DENSE=" in jobs[3]
     assert "torchrun --nproc_per_node=8 -m engine.run" in jobs[3]
 
@@ -216,3 +218,49 @@ def test_every_study_cell_loads(path, tmp_path, monkeypatch):
             config.load(cell.recipe, cell.overrides)
         except UserError as e:
             assert Path(cell.recipe).stem in NEEDS_PENDING_KEYS, f"{cell.name}: {e}"
+
+
+def test_a_launch_command_that_is_no_program_is_a_user_error(tmp_path, demo_root, capsys):
+    """Variables before the command (they belong under env:) or a missing program stop the
+    study with one line before any cell runs."""
+    base = tiny_base(tmp_path, demo_root)
+    launch = {"command": "OMP_NUM_THREADS=1 python -m engine.run"}
+    path = write_study(tmp_path / "s.yaml", base=str(base), out=str(tmp_path / "out"),
+                       grid={"optim.lr": [0.1]}, launch=launch)  # fmt: skip
+    assert study.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: study key 'launch.command': 'OMP_NUM_THREADS=1'")
+        and err.count("\n") == 1
+    )
+    assert not (tmp_path / "out" / "logs").exists()
+
+
+def test_last_error_is_the_latest_attempts(tmp_path):
+    """A cell's log holds every attempt; the report gives why the latest one failed."""
+    log = tmp_path / "cell.log"
+    log.write_text(
+        "$ python -m engine.run r.yaml\nerror: recipe key 'optim.lr': old\nexit code 2\n"
+        "$ python -m engine.run r.yaml\nTraceback (most recent call last):\n"
+        "RuntimeError: new\nexit code 1\n"
+    )
+    assert last_error(log) == "RuntimeError: new"
+
+
+def test_cells_take_a_repeated_signal_as_one(tmp_path, demo_root, monkeypatch):
+    """The runner passes the study's signals on and tells the cell so: a SIGTERM sent to the
+    whole process group then arrives twice within the cell's 5 s window, and counts once."""
+    from engine.preemption import FORWARDED_ENV, StopRequest
+
+    seen = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(
+        subprocess, "Popen", lambda args, **kw: seen.append(kw["env"]) or popen(args, **kw)
+    )
+    base = tiny_base(tmp_path, demo_root)
+    path = write_study(tmp_path / "s.yaml", base=str(base), out=str(tmp_path / "out"),
+                       grid={"optim.lr": [0.05]})  # fmt: skip
+    assert study.main([str(path)]) == 0
+    assert seen and seen[0][FORWARDED_ENV] == "1"
+    monkeypatch.setenv(FORWARDED_ENV, "1")
+    assert StopRequest().same_within_s == 5.0

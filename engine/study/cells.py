@@ -86,10 +86,13 @@ def _yaml(value: Any) -> str:
 
 
 def command(s: Study, cell: Cell, local: bool) -> list[str]:
-    """The engine command of a cell; locally a leading `python` is this interpreter."""
+    """The engine command of a cell; locally a leading `python` is this interpreter, and
+    `torchrun` its torch.distributed.run (found without an activated environment)."""
     args = shlex.split(s.launch.command)
     if local and args[0] == "python":
         args[0] = sys.executable
+    elif local and args[0] == "torchrun":
+        args[:1] = [sys.executable, "-m", "torch.distributed.run"]
     return [*args, cell.recipe, *cell.overrides]
 
 

@@ -95,12 +95,15 @@ def _status(s: Study, cell: Cell) -> str:
 
 
 def last_error(log: Path) -> str:
-    """The line of a cell's log that says why it failed: the last `error:` line, else the last
-    line of output."""
+    """The line of a cell's log that says why its latest attempt failed: the last `error:`
+    line after the last `$ command` header, else the last line of output."""
     if not log.is_file():
         return "no log"
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("exit code", "$ "))]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("$ ")]
+    lines = [
+        ln for ln in lines[starts[-1] if starts else 0 :] if not ln.startswith(("exit code", "$ "))
+    ]
     errors = [ln for ln in lines if ln.startswith("error:")]
     return (errors or lines or ["no output"])[-1]
 
@@ -108,14 +111,15 @@ def last_error(log: Path) -> str:
 def table_markdown(s: Study, table: list[dict]) -> str:
     """study.md: the table, then why any cell is missing."""
     dense = next((r["flops"][0] for r in table if not r["labels"] and r["flops"]), None)
-    head = ["cell", "seeds", "top-1 %", "sparsity", "FLOPs", "img/s", "wall time"]
+    head = ["cell", "seeds", "top-1 %", "sparsity", "FLOPs", "img/s", "engine time"]
     lines = [
         f"# Study {s.name}",
         "",
         f"Base recipe `{s.base}`, seeds {s.seeds}, runs in `{s.out}`. Top-1: final accuracy, "
         "mean ± std over the finished seeds; FLOPs: effective multiply-adds per image (masked "
-        "weights not counted); img/s: training throughput of the last stage; wall time: mean "
-        "per run.",
+        "weights not counted); img/s: training throughput of the last stage; engine time: mean "
+        "per run, from its run folder's set-up to its end, over all its resumes (process "
+        "start-up and time between them not counted).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|",

@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.errors import UserError
+from engine.preemption import FORWARDED_ENV
 from engine.study.cells import Cell, command, finished, waiting_for
 from engine.study.report import last_error, run_result, write_report
 from engine.study.spec import Study
 
 
 class _Stop:
-    """SIGTERM to the study is passed on to the running cell (which saves last.pt and exits);
-    SIGINT reaches the cell by itself from the terminal."""
+    """SIGTERM or SIGINT to the study is passed on to the running cell, which saves last.pt and
+    exits. A signal sent to the whole process group (Ctrl-C, a scheduler) reaches the cell twice
+    then: FORWARDED_ENV in its environment makes it take the second as the same request."""
 
     def __init__(self) -> None:
         self.child: subprocess.Popen | None = None
@@ -37,9 +40,15 @@ def run(s: Study, all_cells: list[Cell]) -> int:
     """Run the unfinished cells one after another; rewrite the report after each. Returns the
     exit code: 0 all finished, 1 some failed, 128+N stopped by signal N."""
     out = Path(s.out)
+    program = command(s, all_cells[0], local=True)[0]
+    if shutil.which(program) is None:
+        raise UserError(
+            f"study key 'launch.command': {program!r} is not a program found on PATH (variables "
+            "go under env:, not before the command)"
+        )
     (out / "logs").mkdir(parents=True, exist_ok=True)
     stop = _Stop()
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     width = len(str(len(all_cells)))
     failed: set[str] = set()
     try:
@@ -74,12 +83,9 @@ def run(s: Study, all_cells: list[Cell]) -> int:
                 stop.signal = stop.signal or code - 128
                 break
             write_report(s, all_cells)
-    except KeyboardInterrupt:
-        if stop.child is not None:
-            stop.child.wait()  # the cell got the same SIGINT: let it save last.pt
-        stop.signal = signal.SIGINT
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     write_report(s, all_cells)
     if stop.signal:
         print("study stopped; run the same command again to continue", flush=True)
@@ -92,13 +98,13 @@ def run(s: Study, all_cells: list[Cell]) -> int:
 def _run_cell(s: Study, cell: Cell, log: Path, stop: _Stop) -> int:
     """Run one cell's engine process, its output appended to `log`; its exit code."""
     with log.open("a") as f:
-        f.write(f"$ {shlex.join(command(s, cell, local=False))}\n")
+        f.write(f"$ {shell_line(s, cell)}\n")
         f.flush()
         stop.child = subprocess.Popen(
             command(s, cell, local=True),
             stdout=f,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **cell.env},
+            env={**os.environ, **cell.env, FORWARDED_ENV: "1"},
         )
         code = stop.child.wait()
         stop.child = None
@@ -120,12 +126,18 @@ def print_commands(s: Study, all_cells: list[Cell]) -> str:
         if finished(s, cell.name):
             lines.append(f"# finished: {cell.name}")
             continue
-        env = [f"{k}={shlex.quote(v)}" for k, v in cell.env.items()]
-        cmd = " ".join([*env, shlex.join(command(s, cell, local=False))])
+        cmd = shell_line(s, cell)
         if not s.launch.sbatch:
             lines.append(cmd)
             continue
-        sbatch = ["sbatch", "--parsable", *shlex.split(s.launch.sbatch)]
+        # A dependency that fails (a prepare job past its time limit) cancels its dependents
+        # rather than leaving them pending for ever.
+        sbatch = [
+            "sbatch",
+            "--parsable",
+            "--kill-on-invalid-dep=yes",
+            *shlex.split(s.launch.sbatch),
+        ]
         sbatch += [f"--job-name={s.name}-{cell.name}", f"--output={out / 'logs' / cell.name}.log"]
         text = shlex.join(sbatch)
         if deps := waiting_for(s, cell):
@@ -133,6 +145,12 @@ def print_commands(s: Study, all_cells: list[Cell]) -> str:
         text += f" --wrap {shlex.quote(cmd)}"
         lines.append(f"j_{_var(cell.name)}=$({text})" if not cell.labels else text)
     return "\n".join(lines) + "\n"
+
+
+def shell_line(s: Study, cell: Cell) -> str:
+    """The cell's command as a shell line, its environment variables first."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in cell.env.items()]
+    return " ".join([*env, shlex.join(command(s, cell, local=False))])
 
 
 def _var(name: str) -> str:
