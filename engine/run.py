@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         if argv:
             print("\n".join(config.describe()))
         return 0 if argv else 2
-    dist = None
     try:
         recipe = config.load(argv[0], argv[1:])
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank reads the same recipe: say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist = None
+    try:
         dist = distributed.init(recipe.run.device)
         return train(recipe, dist)
     except UserError as e:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
@@ -83,20 +84,24 @@ def test_ddp_takes_the_bucket_size():
         tdist.destroy_process_group()
 
 
-def test_a_user_error_found_by_rank_0_stops_every_rank_at_once(tmp_path, demo_root):
-    """Rank 0 alone decides the run folder; its user error reaches every rank (no rank left
-    waiting in a collective, no traceback) and is printed once."""
+@pytest.mark.parametrize(
+    ("override", "key"), [("run.resume=", "run.dir"), ("optim.lrr=0.1", "unknown recipe key")]
+)
+def test_a_user_error_stops_every_rank_at_once_said_once(tmp_path, demo_root, override, key):
+    """Rank 0 alone decides the run folder: its user error reaches every rank (no rank left
+    waiting in a collective, no traceback). Every rank finds a bad recipe key. Either is
+    printed once."""
     recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run is there already
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "engine.run", str(recipe)],
+         "-m", "engine.run", str(recipe), override],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 1 and "recipe key 'run.dir'" in errors[0], proc.stderr[-3000:]
+    assert len(errors) == 1 and key in errors[0], proc.stderr[-3000:]
     codes = re.findall(r"exitcode\s*:\s*(\d+)", proc.stderr)
     assert codes and set(codes) == {"2"}, proc.stderr[-3000:]  # rank 1 used to crash (exit 1)
