@@ -192,6 +192,20 @@ esac
 """
 
 
+def run_gpu_check(tmp_path: Path, parts: str, gpus: int) -> subprocess.CompletedProcess:
+    """gpu_check.sh with a stand-in python that claims `gpus` GPUs, results under tmp/out."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        env={**env, "PARTS": parts, "FAKE_GPUS": str(gpus)},
+        capture_output=True,
+        text=True,
+    )
+
+
 DEFAULT_PARTS = ["gpu-tests", "throughput", "kernels", "data", "structured", "demo"]
 
 
@@ -210,16 +224,7 @@ def test_gpu_check_runs_the_parts_asked_for(
     """With a stand-in python that claims `gpus` GPUs: every default part but the opt-in
     autotune (ddp only with several GPUs, else skipped and said so), or exactly the parts named
     in PARTS; each logged and summarised, exit 0 when all pass."""
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
-    done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
-        env={**env, "PARTS": parts, "FAKE_GPUS": str(gpus)},
-        capture_output=True,
-        text=True,
-    )
+    done = run_gpu_check(tmp_path, parts, gpus)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     headers = [line.split() for line in log.splitlines() if line.startswith("=== ")]
@@ -234,15 +239,6 @@ def test_gpu_check_runs_the_parts_asked_for(
 
 def test_gpu_check_rejects_an_unknown_part(tmp_path: Path) -> None:
     """A mistyped part name stops the script before anything runs, naming it."""
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
-    done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
-        env={**env, "PARTS": "kernels kernel", "FAKE_GPUS": "1"},
-        capture_output=True,
-        text=True,
-    )
+    done = run_gpu_check(tmp_path, "kernels kernel", 1)
     assert done.returncode == 2 and "unknown part 'kernel'" in done.stderr
     assert not (tmp_path / "out").exists()
