@@ -83,7 +83,7 @@ def init(device: str = "auto") -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
-        check_gpu(local_rank)
+        check_gpu(local_rank, device)
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -103,9 +103,10 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, dev, backend)
 
 
-def check_gpu(local_rank: int) -> None:
-    """CUDA was asked for: this process needs a GPU of its own, else a user error (not
-    torch's RuntimeError traceback from set_device)."""
+def check_gpu(local_rank: int, requested: str) -> None:
+    """CUDA was asked for (`requested`: cuda, or auto on a machine with CUDA): this process
+    needs a GPU of its own, else a user error (not torch's RuntimeError traceback from
+    set_device)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise UserError(
@@ -114,9 +115,9 @@ def check_gpu(local_rank: int) -> None:
         )
     if local_rank >= count:
         raise UserError(
-            f"recipe key 'run.device': cuda for local rank {local_rank}, but this machine has "
-            f"{count} GPU(s); start at most {count} processes per node (torchrun "
-            f"--nproc_per_node)"
+            f"recipe key 'run.device': {requested}: local rank {local_rank} needs a GPU of its "
+            f"own, but this machine has {count}; start at most {count} processes per node "
+            "(torchrun --nproc_per_node)"
         )
 
 

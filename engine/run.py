@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = config.load(argv[0], argv[1:])
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank reads the same recipe: say it once
+        # Every process reads the same recipe (files and variables may differ between nodes):
+        # said once per node.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     dist = None
@@ -239,10 +241,8 @@ def restore(ctx: Context, ckpt: dict) -> None:
     check_changes(ctx, ckpt)
     ctx.adopt(ckpt, f"recipe key 'model.arch': the run to resume ({ctx.run_dir})")
     checkpoint.set_rng_state(ckpt["rng"])
-    if ckpt["stage_done"]:
-        ctx.log.truncate_after(ckpt["stage"] + 1, -1)
-    else:
-        ctx.log.truncate_after(ckpt["stage"], ckpt["step"])
+    stage, step = (ckpt["stage"] + 1, -1) if ckpt["stage_done"] else (ckpt["stage"], ckpt["step"])
+    on_main(ctx.dist, lambda: ctx.log.truncate_after(stage, step))  # rank 0 writes the log
     ctx.say(f"resuming {ctx.run_dir} at stage {ckpt['stage']} step {ckpt['step']}")
 
 

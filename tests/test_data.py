@@ -318,6 +318,10 @@ def _prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("prefetch")]
 
 
+# How torchvision's errors begin: the C++ function and file, both naming cuda for nvJPEG's.
+WHERE = "decode_jpegs_cuda, /__w/vision/torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp:76, "
+
+
 def _fake_nvjpeg(bad: Callable[[list[torch.Tensor]], str], calls: list[int]) -> Callable:
     """A decode_jpeg that raises as torchvision does when `bad(batch)` gives a message, and
     appends the size of each batch it gets to `calls`."""
@@ -326,7 +330,7 @@ def _fake_nvjpeg(bad: Callable[[list[torch.Tensor]], str], calls: list[int]) -> 
         batch = data if isinstance(data, list) else [data]
         calls.append(len(batch))
         if message := bad(batch):
-            raise RuntimeError(f"Error while decoding JPEG images: {message}")
+            raise RuntimeError(f"{WHERE}Error while decoding JPEG images: {message}")
         out = [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in batch]
         return out if isinstance(data, list) else out[0]
 
@@ -355,7 +359,11 @@ def test_device_decode_finds_the_bad_image_but_raises_device_errors(monkeypatch)
     with pytest.raises(RuntimeError, match="decode batch: 6"):
         decode_with([ok, ok], lambda batch: "Failed to decode batch: 6" if len(batch) > 1 else "")
     assert calls == [2, 1, 1]  # each decodes alone: not a bad image either
-    for error in ("CUDA out of memory. Tried to allocate", "Failed to synchronize CUDA stream"):
+    for error in (
+        "CUDA out of memory. Tried to allocate",
+        "Failed to synchronize CUDA stream: 700",
+        "CUDA error: an illegal memory access was encountered",
+    ):
         with pytest.raises(RuntimeError, match=error):
             decode_with([ok, bad], lambda batch, error=error: error)
         assert calls == [2]  # not retried image by image

@@ -74,7 +74,9 @@ def test_resume_from_a_bare_state_dict_is_a_user_error(tmp_path, demo_root, caps
     assert main([str(recipe), f"run.resume={bare}"]) == 2
     line = one_error_line(capsys)
     assert "recipe key 'run.resume'" in line and str(bare) in line and "elapsed" in line
-    assert not (tmp_path / "x" / "run").exists() and not (tmp_path / "run").exists()
+    # nothing was written where it would have resumed (run.dir = the checkpoint's grandparent)
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["y"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_mid_stage_resume_refuses_another_batch_or_world_size(tmp_path, demo_root, capsys):
@@ -134,8 +136,8 @@ def test_cuda_without_a_gpu_is_a_user_error(tmp_path, demo_root, monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(UserError, match="'run.device': cuda for local rank 1, but this machine"):
-        distributed.init("cuda")
+    with pytest.raises(UserError, match="'run.device': auto: local rank 1 needs a GPU of its own"):
+        distributed.init("auto")
 
 
 def test_cuda_rng_state_is_this_devices(monkeypatch):

@@ -78,11 +78,11 @@ def build_loaders(
     check_sizes(cfg)
     root = Path(cfg.root)
     if cfg.generate_demo:
+        if root.exists() and not root.is_dir():  # every rank, before the barrier below
+            raise UserError(f"recipe key 'data.root': {root} is a file, not a folder")
         if dist.is_main and not (root / "train").is_dir():
             from engine.data import demo
 
-            if root.exists() and not root.is_dir():
-                raise UserError(f"recipe key 'data.root': {root} is a file, not a folder")
             if root.exists() and any(root.iterdir()):
                 raise UserError(
                     f"recipe key 'data.root': {root} has no train/ but is not empty, so the demo "

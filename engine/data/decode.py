@@ -34,8 +34,9 @@ from engine.data.images import device_jpeg_size, load_rgb
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 _LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()  # in float32, as torchvision draws them
 # Errors of the device rather than of an image (torchvision rewraps them as "Error while
-# decoding JPEG images: ..."): decoding image by image would only hide them.
-_DEVICE_ERROR = re.compile(r"out of memory|CUDA", re.IGNORECASE)
+# decoding JPEG images: ..."): decoding image by image would only hide them. Case-sensitive
+# phrases: every torchvision message begins with its source file, decode_jpegs_cuda.cpp.
+_DEVICE_ERROR = re.compile(r"out of memory|CUDA error|CUDA stream|cudaError")
 
 
 @dataclass
