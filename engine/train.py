@@ -160,18 +160,16 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
         ctx.save_rewind(0)
     while step < plan.total_steps:
         epoch = step // spe
-        skip = step - epoch * spe  # mid-epoch resume: replay the epoch's order, skip done steps
-        loader.set_epoch(ctx.epoch_key(plan.index, epoch))
+        skip = step - epoch * spe  # mid-epoch resume: the epoch's batches from this one on
+        loader.set_epoch(ctx.epoch_key(plan.index, epoch), start=skip)
         desc = f"stage {plan.index} epoch {epoch + 1}/{epochs}"
         bar = progress(spe, desc, ctx.show_progress, skip)
         window[:2].zero_()  # a log window never spans an epoch end (eval and saving lie there)
         last_step, last_time = step, time.perf_counter()
         epoch_time, epoch_steps = time.perf_counter(), 0
-        for i, (images, labels) in enumerate(loader):
-            if i < skip:
-                continue
-            if i == skip > 0:  # the replayed batches count in no img/s
-                last_time = epoch_time = time.perf_counter()
+        for images, labels in loader:
+            if skip:  # a resumed epoch: reaching its first batch (DALI replays) counts in no img/s
+                last_time, epoch_time, skip = time.perf_counter(), time.perf_counter(), 0
             if step >= plan.total_steps:
                 break
             lr = plan.lr(step)

@@ -161,6 +161,10 @@ def test_epochs_replay(textures):
     assert not torch.equal(first[0][0], other[0][0])
     with pytest.raises(RuntimeError, match="set_epoch"):
         iter(train)
+    train.set_epoch(1, start=2)  # a resumed epoch: the batches from 2 on, as in the whole one
+    rest = list(train)
+    assert len(rest) == len(first) - 2
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, first[2:], strict=True))
 
 
 @pytest.mark.parametrize(("world", "cap", "steps"), [(1, 0, 6), (1, 4, 4), (2, 0, 3), (2, 9, 3)])

@@ -19,7 +19,7 @@ from engine import config as recipe
 from engine.config import DataConfig, ProgressiveConfig
 from engine.data import build_loaders, demo, train_image_size
 from engine.data.decode import RATIO, CropParams, Encoded, read_encoded
-from engine.data.folder import MEAN, STD, FolderTrainLoader, FolderValLoader
+from engine.data.folder import MEAN, STD, FolderTrainLoader, FolderValLoader, Images
 from engine.distributed import Dist
 from engine.errors import UserError
 
@@ -212,6 +212,38 @@ def test_augmentation_uses_the_epoch_seed(demo_root):
     b = epoch(train_b, 0)
     assert [x[1].tolist() for x in a] == [x[1].tolist() for x in b]
     assert not torch.equal(a[0][0], b[0][0])
+
+
+def same(a: list, b: list) -> bool:
+    """Whether two lists of (images, labels) batches are equal, tensor for tensor."""
+    return len(a) == len(b) and all(
+        torch.equal(x, y) for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=True)
+    )
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_an_epoch_resumed_at_a_batch_reads_only_the_rest(demo_root, monkeypatch, decode):
+    """set_epoch(e, start=k) yields the whole epoch's batches from k on and reads only their
+    files; the number of workers changes no batch."""
+    whole = epoch(loaders(demo_root, seed=2, decode=decode)[0], 1)
+    train, _ = loaders(demo_root, seed=2, decode=decode)
+    reads = []
+    real = Images.item
+    monkeypatch.setattr(Images, "item", lambda self, i, *a: reads.append(i) or real(self, i, *a))
+    train.set_epoch(1, start=3)
+    rest = list(train)
+    assert same(rest, whole[3:]) and len(reads) == 4 * len(rest)
+    monkeypatch.undo()
+    assert same(epoch(loaders(demo_root, seed=2, decode=decode, workers=2)[0], 1), whole)
+
+
+def test_a_samples_crop_is_the_same_on_any_rank(demo_root):
+    """Augmentation depends on (seed, epoch, sample) alone: 2 ranks x batch B give the samples
+    of 1 rank x batch 2B, step by step, crops included."""
+    one, _ = loaders(demo_root, seed=5, batch_size=6)
+    ranks = [loaders(demo_root, seed=5, batch_size=3, rank=r, world=2)[0] for r in (0, 1)]
+    for whole, a, b in zip(epoch(one, 1), epoch(ranks[0], 1), epoch(ranks[1], 1), strict=True):
+        assert sorted(keys(whole)) == sorted(keys(a) + keys(b))
 
 
 def test_two_ranks_see_one_rank_batches(demo_root):
@@ -628,6 +660,8 @@ def test_synthetic(channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert images.is_contiguous(memory_format=fmt)
     assert all(b[0] is images and b[1] is labels for b in batches + epoch(train, 1))
+    train.set_epoch(2, start=3)
+    assert len(list(train)) == 1  # a resumed epoch: its remaining steps
     other, _ = build_loaders(cfg, dist=fake(1, 2), seed=0, num_classes=5, channels_last=False)
     assert not torch.equal(next(iter(epoch(other, 0)))[0], images)  # seeded by seed + rank
     with pytest.raises(UserError, match="steps_per_epoch"):

@@ -151,3 +151,21 @@ def test_optimizer_state_keeps_this_optimizers_implementation():
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
+
+
+def test_a_mid_epoch_resume_with_other_workers_equals_straight(tmp_path, demo_root, monkeypatch):
+    """Stopped mid-epoch and resumed with another data.workers: the resumed epoch starts at its
+    next batch, without reading the finished ones, and the run ends as one never stopped."""
+    straight = tiny_recipe(tmp_path / "a" / "r.yaml", demo_root)
+    assert main([str(straight)]) == 0
+    parts = tiny_recipe(tmp_path / "b" / "r.yaml", demo_root)
+    with monkeypatch.context() as m:
+        stop_after(m, 8)  # 6 steps per epoch: inside epoch 2
+        assert main([str(parts)]) == 128 + signal.SIGTERM
+    assert main([str(parts), "run.resume=auto", "data.workers=2"]) == 0
+    run = tmp_path / "b" / "run"
+    assert lines(run) == lines(tmp_path / "a" / "run")
+    a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.pt", weights_only=False)
+    final = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, final["model"][key]), key

@@ -11,7 +11,9 @@ ImageNet-normalised, in the autocast dtype (`dtype`; DALI has no bfloat16 and gi
 then, which autocast converts), channels_last when asked; labels int64. Train batches are per
 process, drop the last incomplete batch, give every rank the same number of steps, and depend
 only on (seed, epoch, rank) once `set_epoch(epoch)` is called, which is required before each
-epoch. Loaders from image folders count the unreadable files they replaced in `bad_files`.
+epoch; `set_epoch(epoch, start)` resumes an epoch at a batch (image folders skip the batches
+before it unread; DALI replays them). Loaders from image folders count the unreadable files
+they replaced in `bad_files`.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class TrainLoader(Protocol):
     def __len__(self) -> int:
         """Steps per epoch (after the data.steps_per_epoch cap)."""
 
-    def set_epoch(self, epoch: int) -> None:
-        """Fix the order, augmentation and image size of the next iteration to `epoch`'s."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Fix the order, augmentation and image size of the next iteration to `epoch`'s; it
+        yields the epoch's batches from batch `start` on (a resumed epoch), each exactly as in
+        a whole epoch."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -124,6 +128,13 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A 63-bit seed that depends only on (seed, epoch, rank), well mixed (no collisions of
     nearby triples as with seed + epoch + rank)."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index`'s augmentation in `epoch`: its crop and flip depend on nothing
+    else (not the rank, the number of workers, or where an epoch resumed)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/sample {index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

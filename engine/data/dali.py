@@ -28,6 +28,7 @@ pipeline seeded by (seed, epoch, rank, batch): deterministic, so resumes still r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 from collections.abc import Iterator
@@ -272,21 +273,23 @@ class DaliTrainLoader(_DaliLoader):
                 f"{cfg.batch_size} per process x {self.world} processes"
             )
         self.steps = min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
-        self._epoch: int | None = None  # None: set_epoch not called for this epoch
+        self._epoch: tuple[int, int] | None = None  # (epoch, start); None: set_epoch not called
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        """Fix the order, augmentation and image size of the next iteration to `epoch`'s."""
-        self._epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Fix the order, augmentation and image size of the next iteration to `epoch`'s, from
+        batch `start` on. The batches before it are made and dropped: a pipeline's random
+        numbers run on from batch to batch, so it cannot begin in the middle."""
+        self._epoch = (epoch, start)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._epoch is None:
             raise RuntimeError("DaliTrainLoader: call set_epoch(epoch) before each epoch")
-        epoch, self._epoch = self._epoch, None
+        (epoch, start), self._epoch = self._epoch, None
         shares = self.order(epoch)
-        return self._run(
+        batches = self._run(
             [i for share in shares for i in share],
             shares[self.rank],
             (self.rank, self.world),
@@ -296,6 +299,7 @@ class DaliTrainLoader(_DaliLoader):
             size=train_image_size(self.cfg, epoch),
             seeds=(self.seed, epoch, self.rank),
         )
+        return itertools.islice(batches, start, None)
 
     def order(self, epoch: int) -> list[list[int]]:
         """Every rank's samples for `epoch`, in order: DistributedSampler's (shuffle, seed,

@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import ImageFolder
 
 from engine.config import DataConfig
-from engine.data import decode, epoch_seed, prefetch, say_once, train_image_size, val_resize
+from engine.data import decode, prefetch, sample_seed, say_once, train_image_size, val_resize
 from engine.distributed import Dist
 from engine.errors import UserError
 
@@ -126,8 +126,9 @@ class Images(ImageFolder):
 
     Items: `(hwc_uint8, label, bad)` when decoding on the CPU; `(data, plan, flip, label, bad,
     index)` when decoding on the device (decode.py). `bad` is the index of the unreadable
-    file this item replaces, or -1. Crops and flips are drawn from `rng`, never from the global
-    RNG, which other threads use meanwhile; `seed` is the epoch's (for `redo_on_cpu`).
+    file this item replaces, or -1. The crop and flip of item i are drawn from a generator of
+    its own, seeded by sample_seed(seed, epoch, i): never from the global RNG, which other
+    threads use meanwhile, and the same whichever worker or rank draws them.
     """
 
     def __init__(self, folder: Path, cfg: DataConfig, *, train: bool, on_device: bool) -> None:
@@ -135,7 +136,7 @@ class Images(ImageFolder):
             super().__init__(str(folder))
         self.cfg, self.train, self.on_device = cfg, train, on_device
         self.read: Callable = decode.read_encoded if on_device else decode.read_decoded
-        self.rng, self.seed = torch.Generator(), 0
+        self.seed, self.epoch = 0, 0  # set by the train loader's set_epoch
         self.set_size(cfg.image_size)
 
     def set_size(self, size: int) -> None:
@@ -153,7 +154,11 @@ class Images(ImageFolder):
         return decode.collate(items) if self.on_device else default_collate(items)
 
     def __getitem__(self, index: int) -> tuple:
-        return self.item(index, self.read, self.rng)
+        return self.item(index, self.read, self.rng(index))
+
+    def rng(self, index: int) -> torch.Generator:
+        """The generator of item `index`'s crop and flip in this epoch."""
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
     def item(self, index: int, read: Callable, rng: torch.Generator) -> tuple:
         """The item of `index`, or of the next readable file if `read` cannot read it, its crop
@@ -174,10 +179,10 @@ class Images(ImageFolder):
 
     def redo_on_cpu(self, index: int) -> tuple:
         """The item of `index` decoded by PIL, for an image that nvJPEG refused in the main
-        process; its crop is drawn from a generator seeded by the epoch's seed and `index`, so
-        it replays with the epoch and differs between epochs."""
-        rng = torch.Generator().manual_seed(self.seed ^ index)
-        return self.item(index, functools.partial(decode.read_encoded, on_cpu=True), rng)
+        process, with the crop its worker drew."""
+        return self.item(
+            index, functools.partial(decode.read_encoded, on_cpu=True), self.rng(index)
+        )
 
 
 class DeviceBatcher:
@@ -254,11 +259,10 @@ class FolderTrainLoader(_Loader):
     """This rank's shuffled, augmented batches; call set_epoch(e) before each epoch.
 
     Epoch e depends only on (seed, e, rank): the order comes from DistributedSampler(seed) with
-    set_epoch(e), and the augmentation random numbers from generators seeded with
-    epoch_seed(seed, e, rank). With workers == 0 the dataset draws from such a generator; with
-    workers > 0 the DataLoader's does, which seeds each worker's generator (`_seed_worker`;
-    workers are therefore not persistent: persistent ones would carry their RNG over from the
-    previous epoch). The global torch RNG is never used, so the caller's stream is untouched.
+    set_epoch(e), each sample's crop and flip from sample_seed(seed, e, index) (Images), so a
+    resumed epoch starts at its batch without reading the ones before, and the number of
+    workers changes nothing. Workers are not persistent: each epoch they take the dataset with
+    its epoch and size. The global torch RNG is never used, so the caller's stream is untouched.
     The train image size of epoch e is `train_image_size(cfg, e)` (progressive resizing).
     """
 
@@ -266,14 +270,16 @@ class FolderTrainLoader(_Loader):
         self, dataset: Images, cfg: DataConfig, dist: Dist, seed: int, batcher: DeviceBatcher
     ) -> None:
         super().__init__(dataset, batcher)
-        self.cfg, self.seed, self.rank = cfg, seed, dist.rank
-        self.sampler = DistributedSampler(
-            dataset,
-            num_replicas=dist.world_size,
-            rank=dist.rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=True,
+        self.cfg, self.seed = cfg, seed
+        self.sampler = _From(
+            DistributedSampler(
+                dataset,
+                num_replicas=dist.world_size,
+                rank=dist.rank,
+                shuffle=True,
+                seed=seed,
+                drop_last=True,
+            )
         )
         self.loader = DataLoader(
             dataset,
@@ -284,8 +290,7 @@ class FolderTrainLoader(_Loader):
             pin_memory=dist.device.type == "cuda",
             drop_last=True,
             persistent_workers=False,
-            generator=torch.Generator(),
-            worker_init_fn=_seed_worker,
+            generator=torch.Generator(),  # its base seed draw leaves the global RNG alone
         )
         full = len(self.loader)
         if full == 0:
@@ -300,15 +305,15 @@ class FolderTrainLoader(_Loader):
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        """Fix the order, augmentation and image size of the next iteration to `epoch`'s."""
-        s = epoch_seed(self.seed, epoch, self.rank)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Fix the order, augmentation and image size of the next iteration to `epoch`'s, from
+        batch `start` on (the ones before are not read)."""
         self.sampler.set_epoch(epoch)
-        self.loader.generator = torch.Generator().manual_seed(s)  # seeds the workers
-        self.dataset.rng = torch.Generator().manual_seed(s)  # workers == 0
-        self.dataset.seed = s
+        self.sampler.start = start * self.cfg.batch_size
+        self.dataset.seed, self.dataset.epoch = self.seed, epoch
         self.size = train_image_size(self.cfg, epoch)
         self.dataset.set_size(self.size)  # workers start per epoch: they pickle it anew
+        self.left = max(self.steps - start, 0)
         self._epoch_set = True
 
     def __iter__(self) -> Iterator[Batch]:
@@ -316,14 +321,23 @@ class FolderTrainLoader(_Loader):
             raise RuntimeError("FolderTrainLoader: call set_epoch(epoch) before each epoch")
         self._epoch_set = False
         it = iter(self.loader)  # starts the workers now
-        return self._device_batches(itertools.islice(it, self.steps), self.size)
+        return self._device_batches(itertools.islice(it, self.left), self.size)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """In a DataLoader worker: draw the crops from a generator with the worker's seed (the
-    DataLoader generator's base seed + worker_id), as its global RNG would."""
-    info = get_worker_info()
-    info.dataset.rng = torch.Generator().manual_seed(info.seed)
+class _From(Sampler):
+    """A sampler's indices from the `start`-th on: a resumed epoch's remaining batches."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler, self.start = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
 
 
 class FolderValLoader(_Loader):

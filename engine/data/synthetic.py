@@ -37,17 +37,18 @@ class SyntheticLoader:
             images = images.contiguous(memory_format=torch.channels_last)
         self.images = images
         self.labels = torch.randint(0, num_classes, (b,), generator=g, device=dist.device)
-        self._ready = False
+        self._left: int | None = None  # steps of the next iteration; None: set_epoch not called
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing changes between epochs; required anyway, to match the other backends."""
-        self._ready = True
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Nothing changes between epochs; required anyway, to match the other backends. The
+        next iteration yields the steps from `start` on."""
+        self._left = max(self.steps - start, 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self._ready:
+        if self._left is None:
             raise RuntimeError("SyntheticLoader: call set_epoch(epoch) before each epoch")
-        self._ready = False
-        return iter([(self.images, self.labels)] * self.steps)
+        left, self._left = self._left, None
+        return iter([(self.images, self.labels)] * left)
