@@ -3,7 +3,7 @@
 Both `data.decode` modes read a file the same way (`read_encoded`: the JPEG bytes, or PIL's
 pixels for files nvJPEG cannot take as they are: PNG, CMYK, EXIF-rotated, cut short) and draw
 its crop and flip the same way (`CropParams`, torchvision's RandomResizedCrop and
-RandomHorizontalFlip draws in their order, from the dataset's own generator). Then:
+RandomHorizontalFlip draws in their order, from the sample's own generator). Then:
 - `cpu`: the worker decodes with torchvision (libjpeg-turbo; `read_decoded`), crops and resizes
   on uint8 (`crop_on_host`) and sends size x size HWC uint8;
 - `gpu`: the worker sends the bytes and the plan; the main process decodes the batch with

@@ -154,15 +154,15 @@ class Images(ImageFolder):
         return decode.collate(items) if self.on_device else default_collate(items)
 
     def __getitem__(self, index: int) -> tuple:
-        return self.item(index, self.read, self.rng(index))
+        return self.item(index, self.read, self.rng(index) if self.train else None)
 
     def rng(self, index: int) -> torch.Generator:
         """The generator of item `index`'s crop and flip in this epoch."""
         return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
-    def item(self, index: int, read: Callable, rng: torch.Generator) -> tuple:
+    def item(self, index: int, read: Callable, rng: torch.Generator | None) -> tuple:
         """The item of `index`, or of the next readable file if `read` cannot read it, its crop
-        drawn from `rng`."""
+        drawn from `rng` (None for val, which draws nothing)."""
         n = len(self.samples)
         for offset in range(n):
             path, label = self.samples[(index + offset) % n]
@@ -337,7 +337,7 @@ class _From(Sampler):
         return itertools.islice(iter(self.sampler), self.start, None)
 
     def __len__(self) -> int:
-        return len(self.sampler) - self.start
+        return max(len(self.sampler) - self.start, 0)
 
 
 class FolderValLoader(_Loader):
