@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         dist = distributed.init(recipe.run.device)
         return train(recipe, dist)
     except UserError as e:
-        if dist is None or dist.is_main or not getattr(e, "from_main", False):
-            print(f"error: {e}", file=sys.stderr)  # rank 0's errors once, not once per rank
+        if says_error(dist, e):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         if dist is None or dist.is_main:
@@ -86,6 +86,15 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
         if found is not None:
             return found, found / "checkpoints" / "last.pt"
     return checkpoint.new_run_dir(Path("runs"), recipe.name), None
+
+
+def says_error(dist: Dist | None, error: UserError) -> bool:
+    """Whether this process prints `error`, so that it is said once: before the process group
+    (a GPU missing for this rank) by whoever found it, rank 0's own decisions by rank 0, what
+    every rank finds once per node."""
+    if dist is None:
+        return True
+    return dist.is_main if getattr(error, "from_main", False) else dist.local_rank == 0
 
 
 def on_main(dist: Dist, decide: Callable[[], Any]) -> Any:

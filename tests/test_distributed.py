@@ -85,12 +85,21 @@ def test_ddp_takes_the_bucket_size():
 
 
 @pytest.mark.parametrize(
-    ("override", "key"), [("run.resume=", "run.dir"), ("optim.lrr=0.1", "unknown recipe key")]
+    ("override", "key"),
+    [
+        ("run.resume=", "run.dir"),
+        ("optim.lrr=0.1", "unknown recipe key"),
+        ("run.resume={bare}", "is not a last.pt"),
+    ],
 )
 def test_a_user_error_stops_every_rank_at_once_said_once(tmp_path, demo_root, override, key):
     """Rank 0 alone decides the run folder: its user error reaches every rank (no rank left
-    waiting in a collective, no traceback). Every rank finds a bad recipe key. Either is
-    printed once."""
+    waiting in a collective, no traceback). Every rank finds a bad recipe key, or a resume file
+    that is not a last.pt. Each is printed once."""
+    bare = tmp_path / "bare" / "b" / "bare.pt"
+    bare.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(1)}, bare)
+    override = override.format(bare=bare)
     recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run is there already
