@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, env: dict, resumed: bool) -> 
         raise UserError(f"recipe key 'run.dir': cannot write to {run_dir} ({e.strerror})") from None
     if not resumed:  # a fresh start, maybe over a run that stopped before last.pt
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         write_config(run_dir, config.to_dict(recipe))
     record_env(run_dir, env, resumed)
 

@@ -59,7 +59,10 @@ def test_auto_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(
     assert main([str(recipe)]) == 2  # without resume=auto the folder is still protected
     assert "already holds a run; add run.resume=auto" in one_error_line(capsys)
 
+    (run / "tensorboard").mkdir(exist_ok=True)
+    (run / "tensorboard" / "events.stale").write_text("")  # the killed start's events
     assert main([str(recipe), "run.resume=auto"]) == 0
+    assert not (run / "tensorboard" / "events.stale").exists()
     steps = [(r["kind"], r["step"]) for r in rows(run)]
     assert steps == [(r["kind"], r["step"]) for r in rows(tmp_path / "a" / "run")]
     for key, value in last(tmp_path / "a" / "run")["model"].items():
