@@ -99,16 +99,20 @@ def git_commit() -> str | None:
     """The code version: the commit of the checkout this package runs from, '+dirty' if it has
     edits or new files git does not ignore; None outside a git checkout with commits."""
     here = Path(__file__).resolve().parent
-    try:
-        sha, status = (
-            subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=10)
-            for cmd in (["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain"])
-        )
-    except (OSError, subprocess.SubprocessError):
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    if sha is None or status is None:
         return None
-    if sha.returncode or status.returncode:
-        return None
-    return sha.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    return sha + ("+dirty" if status else "")
 
 
 def environment(world_size: int, device: torch.device) -> dict:

@@ -78,9 +78,8 @@ class Context:
         try:
             self.model.load_state_dict(checkpoint.state_dict_of(obj), strict=strict)
         except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise UserError(
-                f"{where}: weights do not fit model.arch={self.arch['name']} ({first})"
+                f"{where}: weights do not fit model.arch={self.arch['name']} ({_mismatch(e)})"
             ) from None
         if self.masks:  # a bare state dict after pruning: its pruned weights start at zero
             prune.apply_masks_(self.model, self.masks)
@@ -252,13 +251,18 @@ def rewind(ctx: Context, stage: RetrainStage, index: int) -> None:
     try:
         ctx.model.load_state_dict(checkpoint.state_dict_of(checkpoint.read(source)))
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise UserError(
             f"recipe key 'stages.{index}.retrain': the rewind weights {source} do not fit the "
-            f"model ({first})"
+            f"model ({_mismatch(e)})"
         ) from None
     prune.apply_masks_(ctx.model, ctx.masks)
     ctx.say(f"stage {index} wr: weights rewound to {source}")
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """The first mismatch load_state_dict names (its message's second line), for one line."""
+    lines = str(error).splitlines()
+    return lines[1].strip() if len(lines) > 1 else str(error)
 
 
 RUNNERS: dict[str, Callable[[Context, object, int, dict | None], dict]] = {

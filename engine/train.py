@@ -169,7 +169,8 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
         epoch_time, epoch_steps = time.perf_counter(), 0
         for images, labels in loader:
             if skip:  # a resumed epoch: reaching its first batch (DALI replays) counts in no img/s
-                last_time, epoch_time, skip = time.perf_counter(), time.perf_counter(), 0
+                last_time = epoch_time = time.perf_counter()
+                skip = 0
             if step >= plan.total_steps:
                 break
             lr = plan.lr(step)
