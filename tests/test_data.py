@@ -332,6 +332,31 @@ def test_gpu_decode_path_matches_the_cpu_path(demo_root, workers):
         assert (a - b).abs().mean() < 0.05 * (a - a.flip(0)).abs().mean()
 
 
+def test_device_decoding_batches_cross_as_one_buffer():
+    """decode=gpu workers pack a batch's JPEG bytes and pixels into one uint8 buffer (one
+    shared-memory segment per batch); unpack cuts out each item's data unchanged."""
+    from engine.data.decode import collate, unpack
+
+    jpeg = torch.arange(7, dtype=torch.uint8)
+    pixels = torch.arange(2 * 5 * 3, dtype=torch.uint8).view(2, 5, 3).permute(2, 0, 1)  # CHW view
+    plan = torch.arange(8)
+    items = [(jpeg, plan, False, 1, -1, 10), (pixels, plan, True, 2, 4, 11)]
+    items.append((jpeg, plan, False, 3, -1, 12))
+    buffer, spans, plans, flips, labels, bad, index = collate(items)
+    assert buffer.dim() == 1 and buffer.numel() == 7 + 30 + 7
+    assert spans.tolist() == [[7, 0, 0], [30, 2, 5], [7, 0, 0]]
+    got = unpack(buffer, spans)
+    assert [x.shape for x in got] == [(7,), (3, 2, 5), (7,)]
+    assert all(
+        torch.equal(a, b) and a.is_contiguous()
+        for a, b in zip(got, [jpeg, pixels, jpeg], strict=True)
+    )
+    assert all(x.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for x in got)
+    assert plans.shape == (3, 8) and flips.tolist() == [False, True, False]
+    assert labels.tolist() == [1, 2, 3] and bad.tolist() == [-1, 4, -1]
+    assert index.tolist() == [10, 11, 12]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_gpu_decode_in_a_thread_gives_the_same_batches(demo_root, workers):
     """decode=gpu prepares batches in a producer thread: the same batches, in the same order, as
