@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 from benchmarks.common import device_name, version, write_results  # noqa: E402
 from engine.config import DataConfig  # noqa: E402
 from engine.data import build_loaders, dali_installed, decode, prepare  # noqa: E402
+from engine.data.folder import MEAN, STD, DeviceBatcher  # noqa: E402
 from engine.data.images import load_rgb  # noqa: E402
 from engine.distributed import Dist  # noqa: E402
 
@@ -146,6 +148,48 @@ def per_image_ms(root: Path, size: int, resize: int) -> dict:
     return out
 
 
+def crop_ms(root: Path, args, device: torch.device, repeats: int = 20) -> dict:
+    """Milliseconds to crop, resize and normalise a batch of the root's decoded images on the
+    device, image by image in torch (decode.resized_crops, as before the kernel) and in one
+    Triton launch (kernels/resized_crops.py): `host` until the call returns (what the prefetch
+    thread spends), `total` until the device is done. Medians of `repeats` calls."""
+    from kernels.resized_crops import resized_crops_triton
+
+    files = sorted(str(f) for f in (root / "train").rglob("*") if f.is_file())[: args.batch_size]
+    plan = decode.CropParams(train=True, size=args.image_size, resize=0, min_scale=0.08)
+    decoded = [plan(decode.read_decoded(f), torch.Generator().manual_seed(i))
+               for i, f in enumerate(files)]  # fmt: skip
+    images = [x.to(device) for x, _, _ in decoded]
+    plans = torch.stack([p for _, p, _ in decoded])
+    flips = torch.tensor([f for _, _, f in decoded])
+    batcher = DeviceBatcher(device, channels_last=True, dtype=torch.bfloat16)
+    mean, std = [m * 255 for m in MEAN], [s * 255 for s in STD]
+    ways = {
+        "torch, per image": lambda: batcher.normalise(
+            decode.resized_crops(images, plans, flips, args.image_size, torch.channels_last)
+        ),
+        "Triton, one launch": lambda: resized_crops_triton(
+            images, plans, flips, args.image_size, mean, std, torch.bfloat16, torch.channels_last
+        ),
+    }
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    out = {}
+    for name, way in ways.items():
+        host, total = [], []
+        for _ in range(repeats + 3):  # 3 warm-up calls (and the kernel's compilation)
+            sync()  # host syncs: each call timed alone
+            start = time.perf_counter()
+            way()
+            host.append(time.perf_counter() - start)
+            sync()
+            total.append(time.perf_counter() - start)
+        out[name] = {
+            "host": statistics.median(host[3:]) * 1e3,
+            "total": statistics.median(total[3:]) * 1e3,
+        }
+    return out
+
+
 def pipelines(device: torch.device) -> list[tuple[str, str, str]]:
     """(name, backend, data.decode mode) of every pipeline that runs on this device."""
     rows = [("torch DataLoader, decode in the workers", "torch", "cpu")]
@@ -204,6 +248,7 @@ def main() -> None:
         for root in roots.values():
             if root != args.root:
                 link_up(root, entries)
+        crops = crop_ms(roots["full size"], args, device) if device.type == "cuda" else None
         rates = {
             f"{name} | {data}": measure(root, backend, mode, args, device)
             for name, backend, mode in pipelines(device)
@@ -228,6 +273,7 @@ def main() -> None:
         "prepare_seconds": prep_seconds,
         "images_per_s": rates,
         "per_image_ms_one_core": per_image,
+        "batch_crop_ms": crops,
     }
     lines = [
         f"Input pipelines alone: images/s, batch {args.batch_size}, {args.image_size} px crops, "
@@ -260,6 +306,16 @@ def main() -> None:
         for name, ms in per_image.items()
         for split in ("train", "val")
     ]
+    if crops:
+        lines += [
+            "",
+            f"Crop, resize and normalise {args.batch_size} decoded full-size images on the device "
+            "(ms per batch; host: until the call returns)",
+            "",
+            "| way | host ms | total ms |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {name} | {t['host']:.2f} | {t['total']:.2f} |" for name, t in crops.items()]
     if prep_seconds is not None:
         lines += ["", f"prepare ({args.threads} workers): {prep_seconds:.1f} s"]
     table = "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Fused optimizer kernels for pruned training; the engine calls `masked_sgd_` on any device."""
+"""Triton kernels: the fused masked SGD update of pruned training (the engine calls `masked_sgd_`
+on any device) and the batched resized crops of GPU JPEG decoding (`resized_crops.py`)."""
 
 import os
 from collections.abc import Sequence

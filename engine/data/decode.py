@@ -7,8 +7,9 @@ RandomHorizontalFlip draws in their order, from the sample's own generator). The
 - `cpu`: the worker decodes with torchvision (libjpeg-turbo; `read_decoded`), crops and resizes
   on uint8 (`crop_on_host`) and sends size x size HWC uint8;
 - `gpu`: the worker sends the bytes (a batch's packed in one buffer: `collate`) and the plan;
-  the main process decodes the batch with nvJPEG, then crops, resizes (`resized_crops`,
-  float), flips and normalises on the device.
+  the main process decodes the batch with nvJPEG, then crops, resizes, flips and normalises
+  on the device: in one Triton launch on CUDA (kernels/resized_crops.py), image by image in
+  torch elsewhere (`resized_crops`, float, the kernel's reference).
 `resized_crops` runs on CPU tensors too, so the tests check the two modes against each other.
 """
 
@@ -258,8 +259,8 @@ class DeviceDecoder:
             # non_blocking: pixels decoded in a worker come pinned on CUDA (a rare re-read
             # here is not pinned: that copy blocks the host)
             images[i] = x.to(device, non_blocking=True)
-        x = resized_crops(images, plans, flips, size, self.batcher.memory_format)
-        return self.batcher.normalise(x), labels.to(device, non_blocking=True)
+        x = self.batcher.crops(images, plans, flips, size)
+        return x, labels.to(device, non_blocking=True)
 
 
 def collate(items: list[tuple]) -> tuple:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -211,6 +212,21 @@ class DeviceBatcher:
         """NCHW in [0, 255] (uint8, or float32 which is overwritten) -> normalised, in dtype."""
         x = x.float().sub_(self.mean).div_(self.std)  # .float() keeps the memory format
         return x.to(self.dtype)  # no copy for float32
+
+    def crops(
+        self, images: list[torch.Tensor], plans: torch.Tensor, flips: torch.Tensor, size: int
+    ) -> torch.Tensor:
+        """CHW uint8 images on the device -> their planned windows (decode.CropParams),
+        normalised: one Triton launch on CUDA (or under TRITON_INTERPRET=1), else image by
+        image in torch (decode.resized_crops, the kernel's reference)."""
+        if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            from kernels.resized_crops import resized_crops_triton  # lazy: needs triton
+
+            mean, std = [m * 255 for m in MEAN], [s * 255 for s in STD]
+            return resized_crops_triton(
+                images, plans, flips, size, mean, std, self.dtype, self.memory_format
+            )
+        return self.normalise(decode.resized_crops(images, plans, flips, size, self.memory_format))
 
 
 class _Loader:
