@@ -3,16 +3,21 @@ training batch, in one launch.
 
 It computes what `engine.data.decode.resized_crops` followed by `DeviceBatcher.normalise` does
 image by image (crop, bilinear antialiased resize as F.interpolate's antialias=True, window,
-flip, ImageNet normalisation, the output dtype and memory format), which on CUDA costs four or
-five kernel launches and their Python per image: about 1,000 launches for a batch of 256, host
-time that the prefetch thread spends holding the GIL the training step also needs.
+flip, ImageNet normalisation, the output dtype and memory format), which costs three or four
+ops per image (float copy, resize, copy into the batch, half of them a flip): about 900 kernel
+launches and their Python for a batch of 256, host time that the prefetch thread spends holding
+the GIL the training step also needs.
 
 Each output pixel is computed directly in 2-D: its taps span the antialiasing filter's support
 in the crop, with torch's span and weight formulas (aten's upsample antialias helpers: center
 = scale * (i + 0.5), support = max(scale, 1), triangle filter at (j - center + 0.5) / max(scale,
 1), weights normalised per axis), so a tap's weight is the product of the two axes' weights.
+Against torch's two passes (rows into a buffer, then columns) that reads up to about twice the
+taps, (2s + 1)^2 against (2s + 1)(s + 1) per output pixel at a downscale s, and needs no buffer
+nor a second launch.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -90,6 +95,9 @@ def _resized_crops_kernel(
     total_x = tl.full((BLOCK,), 0.0, tl.float32)
     for k in range(0, taps_x):
         total_x += _weight(k, x0, nx, cx, inv_x)
+    # Lanes past the last pixel have no taps: 1, not 0, keeps their (unstored) values finite.
+    total_y = tl.where(live, total_y, 1.0)
+    total_x = tl.where(live, total_x, 1.0)
     acc0 = tl.full((BLOCK,), 0.0, tl.float32)
     acc1 = tl.full((BLOCK,), 0.0, tl.float32)
     acc2 = tl.full((BLOCK,), 0.0, tl.float32)
@@ -105,14 +113,12 @@ def _resized_crops_kernel(
             acc1 += weight * tl.load(p + step_c, mask=tap, other=0).to(tl.float32)
             acc2 += weight * tl.load(p + 2 * step_c, mask=tap, other=0).to(tl.float32)
     dst = out_ptr + b.to(tl.int64) * stride_b + oy * stride_y + ox * stride_x
+    # Compiled, the casts round to nearest even as torch's do; the CPU interpreter truncates
+    # to bfloat16 (the tests allow one ulp).
     dtype = out_ptr.dtype.element_ty
-    # Round to nearest even, as torch's casts do (the CPU interpreter truncates all the same).
-    value = (acc0 / total_x - mean0) / std0
-    tl.store(dst, value.to(dtype, fp_downcast_rounding="rtne"), mask=live)
-    value = (acc1 / total_x - mean1) / std1
-    tl.store(dst + stride_c, value.to(dtype, fp_downcast_rounding="rtne"), mask=live)
-    value = (acc2 / total_x - mean2) / std2
-    tl.store(dst + 2 * stride_c, value.to(dtype, fp_downcast_rounding="rtne"), mask=live)
+    tl.store(dst, ((acc0 / total_x - mean0) / std0).to(dtype), mask=live)
+    tl.store(dst + stride_c, ((acc1 / total_x - mean1) / std1).to(dtype), mask=live)
+    tl.store(dst + 2 * stride_c, ((acc2 / total_x - mean2) / std2).to(dtype), mask=live)
 
 
 def resized_crops_triton(
@@ -145,21 +151,17 @@ def resized_crops_triton(
             raise ValueError(f"resized_crops_triton: plan {plan} does not fit {image.shape}")
         rows.append((image.data_ptr(), *image.stride(), *plan, int(flip)))
     table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":  # pinned + non_blocking: an async copy, no host sync
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # pinned + non_blocking: an async copy, no host sync
         table = table.pin_memory()
     table = table.to(device, non_blocking=True)
     out = torch.empty((len(images), 3, size, size), device=device, dtype=dtype,
                       memory_format=memory_format)  # fmt: skip
     grid = (len(images), triton.cdiv(size * size, BLOCK))
-    _resized_crops_kernel[grid](
-        table,
-        out,
-        size,
-        *out.stride(),
-        *mean,
-        *std,
-        COLUMNS=COLUMNS,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
-    )
+    # Triton launches on the current device: make it the images'.
+    with torch.cuda.device(device) if on_cuda else contextlib.nullcontext():
+        _resized_crops_kernel[grid](
+            table, out, size, *out.stride(), *mean, *std,
+            COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
     return out

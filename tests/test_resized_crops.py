@@ -21,7 +21,9 @@ else:
 from engine.data.decode import CropParams, Encoded, resized_crops  # noqa: E402
 from engine.data.folder import MEAN, STD, DeviceBatcher  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# The CPU runs the kernel only in the interpreter: on a CUDA machine, CUDA alone.
+DEVICES = ["cpu"] * _INTERPRET + [pytest.param("cuda", marks=pytest.mark.gpu)]
+HERE = "cpu" if _INTERPRET else "cuda"  # where the kernel runs in the unmarked tests
 MEAN_255, STD_255 = [m * 255 for m in MEAN], [s * 255 for s in STD]
 # (height, width, train): landscape and portrait crops, a strip, a 9x downscale (long filter
 # spans), and val resizes that upscale a small image (every span clamped at the crop's edges).
@@ -79,7 +81,7 @@ def test_kernel_matches_the_per_image_reference(device, channels_last, dtype):
 
 
 def test_flip_mirrors_the_window():
-    images, plans, _ = _batch("cpu")
+    images, plans, _ = _batch(HERE)
     args = (16, MEAN_255, STD_255, torch.float32)
     plain = resized_crops_triton(images, plans, torch.zeros(len(images), dtype=torch.bool), *args)
     mirrored = resized_crops_triton(images, plans, torch.ones(len(images), dtype=torch.bool), *args)
@@ -89,8 +91,8 @@ def test_flip_mirrors_the_window():
 def test_batcher_crops_use_the_kernel_on_cuda_or_under_the_interpreter(monkeypatch):
     """DeviceBatcher.crops, which the gpu decode mode calls, gives the kernel's batch on CUDA
     (here: CPU tensors under the interpreter) and the reference's on the CPU."""
-    device = torch.device("cpu" if _INTERPRET else "cuda")
-    images, plans, flips = _batch(device.type)
+    device = torch.device(HERE)
+    images, plans, flips = _batch(HERE)
     got = DeviceBatcher(device, channels_last=True, dtype=torch.bfloat16).crops(
         images, plans, flips, 16
     )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from engine.data import say_once
@@ -181,7 +182,9 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device) -> list[t
     if device.type == "cuda":
         # Host sync with the current (side) stream only, usually idle by now: nvJPEG writes
         # from its own stream into memory allocated on this one, without waiting for the
-        # kernels queued here, so none may be pending (pytorch/vision#9606).
+        # kernels queued here (such as the previous batch's crop kernel, still reading the
+        # images whose memory the allocator hands out again), so none may be pending
+        # (pytorch/vision#9606).
         torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io points to TorchCodec
@@ -268,13 +271,19 @@ def collate(items: list[tuple]) -> tuple:
     every item's data in one flat uint8 buffer, its span (bytes, height, width; height 0 for
     JPEG bytes) saying how to cut it out (`unpack`). One tensor per batch crosses from the
     worker: with a tensor per image (a shared-memory segment each), receiving a batch of 256
-    files of 110 kB took the main thread 44-53 ms against 6.5 ms packed, unpacking included
-    (this project's 2-core CPU machine), a ceiling near 5,000 img/s on the thread that steps.
-    A module-level function: workers pickle it."""
+    files of 110 kB from 2 workers took the main process 44-53 ms of CPU time against 6.5 ms
+    packed, unpacking included (this project's 2-core CPU machine): a ceiling near 5,000
+    img/s for the thread that receives (the DataLoader's pin-memory thread on CUDA), all of it
+    holding the GIL the step's launches need. A module-level function: workers pickle it."""
     data, plans, flips, labels, bad, index = zip(*items, strict=True)
     spans = [(x.numel(), 0, 0) if x.dim() == 1 else (x.numel(), *x.shape[1:]) for x in data]
+    buffer = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is not None:  # as default_collate: in shared memory from the start,
+        # so that sending it to the main process copies nothing
+        buffer.set_(torch.UntypedStorage._new_shared(sum(n for n, _, _ in spans)))
+    torch.cat([x.reshape(-1) for x in data], out=buffer)  # CHW pixels flatten in CHW order
     return (
-        torch.cat([x.reshape(-1) for x in data]),  # CHW pixels flatten in CHW order
+        buffer,
         torch.tensor(spans),
         torch.stack(plans),
         torch.tensor(flips),
