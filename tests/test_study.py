@@ -166,16 +166,18 @@ def test_table_averages_seeds_and_lists_missing_runs(tmp_path, demo_root):
     for name, top1 in runs.items():
         stages = [{"stage": 0, "kind": "train", "top1": top1, "img_per_s": 100.0}]
         if not name.startswith("dense"):
-            stages.append({"stage": 1, "kind": "prune", "flops": 2e6, "flops_effective": 1e6})
+            prune = {"stage": 1, "kind": "prune", "params": 136_237}
+            stages.append(prune | {"flops": 2e6, "flops_effective": 1e6})
             stages.append({"stage": 2, "kind": "retrain", "top1": top1, "sparsity": 0.5})
         (out / name).mkdir(parents=True)
         (out / name / "config.yaml").write_text(yaml.safe_dump(config.to_dict(recipe)))
         (out / name / "summary.json").write_text(json.dumps({"stages": stages, "seconds": 60}))
     study.write_report(s, study.cells(s))
     table = (out / "study.md").read_text()
-    assert "| `mag-sparsity0.5` | 2/2 | 82.00 ± 2.83 | 0.500 | 1 M (2%) |" in table
+    # params and FLOPs with their share of the base cell's (dense ResNet-20: 272,474 params)
+    assert "| `mag-sparsity0.5` | 2/2 | 82.00 ± 2.83 | 0.500 | 136 k (50%) | 1 M (2%) |" in table
     assert "| `mag-sparsity0.8` | 1/2 | 70.00 ± 0.00 |" in table
-    assert "| `dense` | 2/2 | 91.00 ± 1.41 | - | 40.8 M | 100 | 60 s |" in table  # ResNet-20
+    assert "| `dense` | 2/2 | 91.00 ± 1.41 | - | 272 k | 40.8 M | 100 | 60 s |" in table
     assert "- `mag-sparsity0.8-s1`: not run" in table
 
 

@@ -15,7 +15,7 @@ from engine.study.cells import Cell, waiting_for
 from engine.study.chart import chart
 from engine.study.spec import Study
 
-NUMBERS = ("top1", "sparsity", "flops", "img_per_s", "seconds")
+NUMBERS = ("top1", "sparsity", "params", "flops", "img_per_s", "seconds")
 
 
 def write_report(s: Study, all_cells: list[Cell]) -> None:
@@ -49,8 +49,9 @@ def rows(s: Study, all_cells: list[Cell]) -> list[dict]:
 
 
 def run_result(run_dir: Path) -> dict | None:
-    """The numbers of a finished run, from its summary.json: final top-1, sparsity, FLOPs
-    (effective, of the last prune stage), images/s (of the last training stage), wall time."""
+    """The numbers of a finished run, from its summary.json: final top-1, sparsity, nonzero
+    parameters and effective FLOPs (of the last prune stage; of the dense model without one),
+    images/s (of the last training stage), wall time."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return None
@@ -60,14 +61,16 @@ def run_result(run_dir: Path) -> dict | None:
         return next((st[key] for st in reversed(summary["stages"]) if key in st), None)
 
     row = {"top1": last("top1"), "sparsity": last("sparsity"), "img_per_s": last("img_per_s")}
-    row |= {"flops": last("flops_effective"), "seconds": summary["seconds"]}
+    row |= {"params": last("params"), "flops": last("flops_effective")}
+    row["seconds"] = summary["seconds"]
     if row["flops"] is None:
-        row["flops"] = _dense_flops(run_dir)
+        row["params"], row["flops"] = _dense_counts(run_dir)
     return row
 
 
-def _dense_flops(run_dir: Path) -> int | None:
-    """FLOPs of a run without a prune stage: its model, dense, at its image size."""
+def _dense_counts(run_dir: Path) -> tuple[int | None, int | None]:
+    """Parameters and FLOPs of a run without a prune stage: its model, dense, at its image
+    size."""
     from engine.models import build_model
     from engine.prune import count_flops
 
@@ -75,8 +78,9 @@ def _dense_flops(run_dir: Path) -> int | None:
     try:
         model = build_model(cfg["model"]["arch"], cfg["model"]["num_classes"])
     except (KeyError, ValueError, UserError):
-        return None
-    return count_flops(model, cfg["data"]["image_size"])[0]
+        return None, None
+    params = sum(p.numel() for p in model.parameters())
+    return params, count_flops(model, cfg["data"]["image_size"])[0]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -110,14 +114,16 @@ def last_error(log: Path) -> str:
 
 def table_markdown(s: Study, table: list[dict]) -> str:
     """study.md: the table, then why any cell is missing."""
-    dense = next((r["flops"][0] for r in table if not r["labels"] and r["flops"]), None)
-    head = ["cell", "seeds", "top-1 %", "sparsity", "FLOPs", "img/s", "engine time"]
+    base = next((r for r in table if not r["labels"]), None)  # the base recipe's cell
+    head = ["cell", "seeds", "top-1 %", "sparsity", "params", "FLOPs", "img/s", "engine time"]
     lines = [
         f"# Study {s.name}",
         "",
         f"Base recipe `{s.base}`, seeds {s.seeds}, runs in `{s.out}`. Top-1: final accuracy, "
-        "mean ± std over the finished seeds; FLOPs: effective multiply-adds per image (masked "
-        "weights not counted); img/s: training throughput of the last stage; engine time: mean "
+        "mean ± std over the finished seeds; sparsity: zero fraction of the masked weights "
+        "(filter pruning removes weights instead: 0); params: nonzero parameters; FLOPs: "
+        "effective multiply-adds per image (masked weights not counted); both with their share "
+        "of the base cell's; img/s: training throughput of the last stage; engine time: mean "
         "per run, from its run folder's set-up to its end, over all its resumes (process "
         "start-up and time between them not counted).",
         "",
@@ -129,17 +135,13 @@ def table_markdown(s: Study, table: list[dict]) -> str:
         top1 = "failed" if failed and not r["done"] else "-"
         if r["top1"]:
             top1 = f"{r['top1'][0]:.2f} ± {r['top1'][1]:.2f}"
-        flops = "-"
-        if r["flops"]:
-            flops = _si(r["flops"][0])
-            if dense and r["labels"]:
-                flops += f" ({100 * r['flops'][0] / dense:.0f}%)"
         cols = [
             f"`{r['cell']}`",
             f"{r['done']}/{r['runs']}",
             top1,
             "-" if r["sparsity"] is None else f"{r['sparsity'][0]:.3f}",
-            flops,
+            _count(r, base, "params"),
+            _count(r, base, "flops"),
             "-" if r["img_per_s"] is None else f"{r['img_per_s'][0]:.0f}",
             "-" if r["seconds"] is None else _duration(r["seconds"][0]),
         ]
@@ -149,6 +151,16 @@ def table_markdown(s: Study, table: list[dict]) -> str:
         lines += ["", "Cells without a result:", ""]
         lines += [f"- `{n}`: {why}" for n, why in missing]
     return "\n".join(lines) + "\n"
+
+
+def _count(row: dict, base: dict | None, key: str) -> str:
+    """A row's mean count of `key`, with its share of the base cell's when the row has labels."""
+    if not row[key]:
+        return "-"
+    text = _si(row[key][0])
+    if base and base[key] and row["labels"]:
+        text += f" ({100 * row[key][0] / base[key][0]:.0f}%)"
+    return text
 
 
 def _si(n: float) -> str:
