@@ -44,6 +44,14 @@ def _axis(i, scale, size):
 
 
 @triton.jit
+def _ceil(x):
+    """ceil of a positive float, as an int32, from the oldest builtins (GPU machines may have
+    older Triton releases than CI)."""
+    n = x.to(tl.int32)
+    return n + (n.to(tl.float32) < x).to(tl.int32)
+
+
+@triton.jit
 def _weight(j, start, span, center, inv):
     """The triangle filter's weight of tap j of a span (0 past its end)."""
     x = (j + start).to(tl.float32) - center + 0.5
@@ -87,8 +95,8 @@ def _resized_crops_kernel(
     y0, ny, cy, inv_y = _axis(oy + y, scale_y, h)
     x0, nx, cx, inv_x = _axis(sx + x, scale_x, w)
     # Every span is at most this long (torch's bound: ceil(support) * 2 + 1).
-    taps_y = tl.ceil(tl.maximum(scale_y, 1.0)).to(tl.int32) * 2 + 1
-    taps_x = tl.ceil(tl.maximum(scale_x, 1.0)).to(tl.int32) * 2 + 1
+    taps_y = _ceil(tl.maximum(scale_y, 1.0)) * 2 + 1
+    taps_x = _ceil(tl.maximum(scale_x, 1.0)) * 2 + 1
     total_y = tl.full((BLOCK,), 0.0, tl.float32)
     for j in range(0, taps_y):
         total_y += _weight(j, y0, ny, cy, inv_y)
