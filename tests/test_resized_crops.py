@@ -80,6 +80,22 @@ def test_kernel_matches_the_per_image_reference(device, channels_last, dtype):
         torch.testing.assert_close(out.float(), want, rtol=ulp, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_kernel_makes_no_host_sync():
+    """The table goes up pinned and non_blocking: the prefetch thread never waits on the
+    device here."""
+    images, plans, flips = _batch("cuda")
+    args = (16, MEAN_255, STD_255, torch.bfloat16)
+    resized_crops_triton(images, plans, flips, *args)  # compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # from here any host sync raises
+    try:
+        out = resized_crops_triton(images, plans, flips, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.float()).all()
+
+
 def test_flip_mirrors_the_window():
     images, plans, _ = _batch(HERE)
     args = (16, MEAN_255, STD_255, torch.float32)
