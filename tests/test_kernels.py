@@ -1,25 +1,14 @@
 """Masked SGD kernel vs the torch oracle and torch.optim.SGD; on CPU via the Triton interpreter."""
 
-import os
-
 import pytest
 import torch
 
-# Without a GPU the Triton kernel runs on CPU tensors in the interpreter, which must be chosen
-# before the kernel module is imported. The variable is restored right away so that other test
-# modules keep the fast CPU path; the autouse fixture below sets it again for these tests only.
-_INTERPRET = not torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-import kernels  # noqa: E402
-import kernels.masked_sgd  # noqa: E402,F401
-from kernels.reference import masked_sgd_reference_  # noqa: E402
+import kernels
+from kernels.reference import masked_sgd_reference_
+from tests.interpret import INTERPRET, import_kernels, interpreted  # noqa: F401 (a fixture)
 
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
+import_kernels("kernels.masked_sgd")  # kernels.masked_sgd_ dispatches to it
+pytestmark = pytest.mark.usefixtures("interpreted")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # Odd sizes, a whole chunk plus a partial one, channels_last 4-D weights, and one of exactly two
@@ -35,13 +24,6 @@ DTYPES = [
     (torch.float32, torch.bfloat16, 2e-6),
     (torch.bfloat16, torch.bfloat16, 2**-6),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route CPU tensors through the Triton interpreter while these tests run (no GPU only)."""
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _make(
@@ -177,7 +159,7 @@ def test_mismatched_or_strided_layouts_fall_back(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_plans_are_reused_until_an_address_changes(device, monkeypatch: pytest.MonkeyPatch):
     """Validation and tables are built once per tensor set; new LR values reuse them."""
-    if device == "cpu" and not _INTERPRET:
+    if device == "cpu" and not INTERPRET:
         pytest.skip("with a GPU present, CPU tensors take the foreach path")
     built = []
     plan = kernels.masked_sgd._plan
@@ -236,9 +218,7 @@ def test_rejects_bad_masks():
         )
 
 
-@pytest.mark.skipif(
-    not _INTERPRET, reason="the Triton path on CPU tensors needs TRITON_INTERPRET=1"
-)
+@pytest.mark.skipif(not INTERPRET, reason="the Triton path on CPU tensors needs TRITON_INTERPRET=1")
 def test_a_smaller_weight_at_a_cached_address_gets_a_new_plan():
     """A weight shrunk by filter pruning may land at a freed weight's address: the plan cached
     for the larger one must not update past its end."""

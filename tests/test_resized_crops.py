@@ -1,40 +1,22 @@
 """The batched resized-crop kernel vs its torch reference; on CPU via the Triton interpreter."""
 
-import os
-
 import pytest
 import torch
 
-# As in test_kernels.py: the interpreter must be chosen before the kernel module is imported,
-# and is set again only while these tests run.
-_INTERPRET = not torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-from kernels.resized_crops import resized_crops_triton  # noqa: E402
+from engine.data.decode import CropParams, Encoded, resized_crops
+from engine.data.folder import MEAN, STD, DeviceBatcher
+from tests.interpret import INTERPRET, import_kernels, interpreted  # noqa: F401 (a fixture)
 
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-from engine.data.decode import CropParams, Encoded, resized_crops  # noqa: E402
-from engine.data.folder import MEAN, STD, DeviceBatcher  # noqa: E402
-
+resized_crops_triton = import_kernels("kernels.resized_crops").resized_crops_triton
+pytestmark = pytest.mark.usefixtures("interpreted")
 # The CPU runs the kernel only in the interpreter: on a CUDA machine, CUDA alone.
-DEVICES = ["cpu"] * _INTERPRET + [pytest.param("cuda", marks=pytest.mark.gpu)]
-HERE = "cpu" if _INTERPRET else "cuda"  # where the kernel runs in the unmarked tests
+DEVICES = ["cpu"] * INTERPRET + [pytest.param("cuda", marks=pytest.mark.gpu)]
+HERE = "cpu" if INTERPRET else "cuda"  # where the kernel runs in the unmarked tests
 MEAN_255, STD_255 = [m * 255 for m in MEAN], [s * 255 for s in STD]
 # (height, width, train): landscape and portrait crops, a strip, a 9x downscale (long filter
 # spans), and val resizes that upscale a small image (every span clamped at the crop's edges).
 CASES = [(37, 50, True), (50, 37, False), (20, 20, True), (150, 16, False), (16, 150, True),
          (144, 160, True), (12, 13, False), (9, 40, False)]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _batch(device: str, size: int = 16, seed: int = 0):
