@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+import time
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,8 +116,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def new_run_dir(run_root: Path, name: str) -> Path:
-    """A fresh run folder, `<name>-<UTC timestamp>`: the names find_resume looks for."""
-    return run_root / f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    """Make a fresh run folder, `<name>-<UTC timestamp>` (the names find_resume looks for), and
+    make it alone: a run started in the same second as another (seeds launched together) waits
+    for the next second rather than share the other's folder."""
+    for _ in range(100):
+        now = datetime.now(timezone.utc)
+        path = run_root / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            time.sleep(1.0 - now.microsecond / 1e6)
+        except OSError as e:
+            raise UserError(f"recipe key 'run.dir': cannot make {path} ({e.strerror})") from None
+    raise UserError(f"recipe key 'run.dir': no free run folder name under {run_root} in 100 s")
 
 
 def find_resume(run_root: Path, name: str) -> Path | None:

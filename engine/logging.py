@@ -69,9 +69,7 @@ class MetricsLog:
             ended = row["stage"] == stage and row.get("event") == "end"
             if before and not ended:
                 keep.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -91,8 +89,16 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
     )
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temp file, then a rename): a kill or a full disk
+    mid-write leaves the previous version."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_config(run_dir: Path, config: dict) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def git_commit() -> str | None:
@@ -148,4 +154,4 @@ def environment(world_size: int, device: torch.device) -> dict:
 
 
 def write_env(run_dir: Path, env: dict) -> None:
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")

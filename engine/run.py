@@ -20,7 +20,7 @@ from engine.config import Recipe
 from engine.data import build_loaders
 from engine.distributed import Dist
 from engine.errors import UserError
-from engine.logging import MetricsLog, environment, write_config, write_env
+from engine.logging import MetricsLog, environment, write_atomic, write_config, write_env
 from engine.models import build_model
 from engine.preemption import Interrupted, StopRequest
 from engine.stages import Context, run_all
@@ -115,7 +115,8 @@ def on_main(dist: Dist, decide: Callable[[], Any]) -> Any:
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, env: dict, resumed: bool) -> None:
-    """Check that run_dir is writable; write config.yaml (fresh starts) and env.json."""
+    """Check that run_dir is writable; on a fresh start write config.yaml and env.json (a
+    resume records itself once its checkpoint is accepted: `record_resume`)."""
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -127,7 +128,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, env: dict, resumed: bool) -> 
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         write_config(run_dir, config.to_dict(recipe))
-    record_env(run_dir, env, resumed)
+        write_env(run_dir, env)
 
 
 def train(recipe: Recipe, dist: Dist) -> int:
@@ -162,30 +163,32 @@ def train(recipe: Recipe, dist: Dist) -> int:
     ctx = Context(recipe, dist, run_dir, log, model, arch, train_loader, val_loader, stop)
     ctx.code_version = env["git_commit"]
     if resume is not None:
-        restore(ctx, resume)
+        changed = restore(ctx, resume)
+        on_main(dist, lambda: record_resume(run_dir, recipe, env, changed))
     results = run_all(ctx, resume)
     log.close()
     if dist.is_main:
         summary = {"run_dir": str(run_dir), "stages": results, "seconds": round(log.elapsed(), 1)}
-        tmp = run_dir / ".summary.json.tmp"  # summary.json marks the run finished: write it whole
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
+        # summary.json marks the run finished: written whole
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(format_summary(recipe, summary))
     return 0
 
 
-def record_env(run_dir: Path, env: dict, resumed: bool) -> None:
-    """env.json describes the first start (its command line included); each resume is
-    appended to its `resumes` list rather than replacing it."""
+def record_resume(run_dir: Path, recipe: Recipe, env: dict, changed: dict) -> None:
+    """An accepted resume: appended to env.json's `resumes` list (env.json describes the
+    first start), with the recipe keys it changed, {key: [old, new]}; config.yaml becomes the
+    recipe that runs from now on."""
     path = run_dir / "env.json"
-    if resumed:
-        try:
-            first = json.loads(path.read_text())
-        except (OSError, ValueError):  # missing, or torn by a kill mid-write
-            first = None
-        if isinstance(first, dict):
-            env = {**first, "resumes": [*first.get("resumes", []), env]}
+    try:
+        first = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or torn (versions before atomic writes)
+        first = None
+    if isinstance(first, dict):
+        env = {**first, "resumes": [*first.get("resumes", []), {**env, "changed": changed}]}
     write_env(run_dir, env)
+    if changed:
+        write_config(run_dir, config.to_dict(recipe))
 
 
 def set_determinism(on: bool, device: torch.device) -> None:
@@ -200,15 +203,23 @@ def set_determinism(on: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def check_changes(ctx: Context, ckpt: dict) -> None:
-    """Resuming with an edited recipe: refuse changes that would corrupt the run (the model,
-    or a stage already run or running: masks and schedules depend on them); list the rest."""
+# What the steps of a running stage depend on besides its stage entry: the LR curve and
+# optimizer (schedule, optim) and the data order (seed); the data split is check_layout's.
+RUNNING_STAGE_KEYS = ("schedule.", "optim.", "seed")
+
+
+def check_changes(ctx: Context, ckpt: dict) -> dict[str, list]:
+    """Resuming with an edited recipe: refuse changes that would corrupt the run (the model, a
+    stage already run or running: masks and schedules depend on them, and inside a stage what
+    its steps depend on); list the rest and return them, {key: [old, new]}."""
     old, new = config.flatten(ckpt.get("config", {})), config.flatten(config.to_dict(ctx.recipe))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     done = ckpt["stage"]
+    inside = not ckpt["stage_done"]
     fatal = [
         k for k in changed
         if k.startswith("model.") or (k.startswith("stages.") and int(k.split(".")[1]) <= done)
+        or (inside and k.startswith(RUNNING_STAGE_KEYS))
     ]  # fmt: skip
     if fatal:
         k = fatal[0]
@@ -220,6 +231,7 @@ def check_changes(ctx: Context, ckpt: dict) -> None:
     if changed:
         listed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         ctx.say(f"warning: the recipe changed since the run began: {listed}")
+    return {k: [old.get(k), new.get(k)] for k in changed}
 
 
 def check_layout(ctx: Context, ckpt: dict) -> None:
@@ -246,15 +258,17 @@ def check_layout(ctx: Context, ckpt: dict) -> None:
         )
 
 
-def restore(ctx: Context, ckpt: dict) -> None:
-    """Put a last.pt back: architecture, weights, masks, RNG; trim the metrics log to it."""
+def restore(ctx: Context, ckpt: dict) -> dict[str, list]:
+    """Put a last.pt back: architecture, weights, masks, RNG; trim the metrics log to it.
+    Returns the recipe's accepted changes since the checkpoint (`check_changes`)."""
     check_layout(ctx, ckpt)
-    check_changes(ctx, ckpt)
+    changed = check_changes(ctx, ckpt)
     ctx.adopt(ckpt, f"recipe key 'model.arch': the run to resume ({ctx.run_dir})")
     checkpoint.set_rng_state(ckpt["rng"])
     stage, step = (ckpt["stage"] + 1, -1) if ckpt["stage_done"] else (ckpt["stage"], ckpt["step"])
     on_main(ctx.dist, lambda: ctx.log.truncate_after(stage, step))  # rank 0 writes the log
     ctx.say(f"resuming {ctx.run_dir} at stage {ckpt['stage']} step {ckpt['step']}")
+    return changed
 
 
 COLUMNS = (  # closing table: header, result key, format

@@ -1,12 +1,14 @@
 """Choosing what to resume, and refusing resumes that cannot continue the run: another recipe's
 folder, a foreign checkpoint, a mid-stage change of the data split; a missing GPU."""
 
+import concurrent.futures
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import engine.checkpoint
 from engine import checkpoint, distributed
@@ -36,6 +38,14 @@ def test_auto_resume_finds_only_this_recipes_runs(tmp_path):
     assert checkpoint.find_resume(tmp_path, "tiny") == tmp_path / "tiny-20250101T000000Z"
     assert checkpoint.find_resume(tmp_path, "tiny-b") == tmp_path / "tiny-b-20250102T000000Z"
     assert checkpoint.new_run_dir(tmp_path, "t").name.startswith("t-20")
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    """Seeds launched together: each run makes its folder alone, the later one a second on."""
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        made = list(pool.map(lambda _: checkpoint.new_run_dir(tmp_path, "t"), range(3)))
+    assert len(set(made)) == 3 and all(d.is_dir() for d in made)
+    assert checkpoint.find_resume(tmp_path, "t") is None  # none has a last.pt yet
 
 
 def test_auto_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(
@@ -120,6 +130,33 @@ def test_env_json_keeps_the_first_start_and_lists_resumes(tmp_path, demo_root, m
     env = json.loads((tmp_path / "run" / "env.json").read_text())
     assert env["argv"][1] == "first" and env["world_size"] == 1
     assert [e["argv"][1] for e in env["resumes"]] == ["second"]
+
+
+def test_inside_a_stage_its_schedule_optimizer_and_seed_stay(tmp_path, demo_root, capsys):
+    """A mid-stage resume refuses what the running stage's steps depend on (LR curve, update,
+    data order), and records nothing; between stages the same change is listed, recorded in
+    env.json, and config.yaml becomes the recipe that runs on."""
+    stages = [{"train": {"epochs": 1}}, {"train": {"epochs": 2}}]
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root, stages=stages)
+    run = tmp_path / "run"
+    assert main([str(recipe), "run.stop_after_epochs=2"]) == 0  # inside stage 1
+    assert not last(run)["stage_done"]
+    capsys.readouterr()
+    for override, key in [("schedule.epochs=5", "schedule.epochs"), ("optim.lr=0.05", "optim.lr"),
+                          ("seed=3", "seed")]:  # fmt: skip
+        assert main([str(recipe), "run.resume=auto", override]) == 2
+        assert f"recipe key '{key}': changed from" in one_error_line(capsys)
+    assert "resumes" not in json.loads((run / "env.json").read_text())  # refused: not recorded
+
+    between = tmp_path / "between"
+    recipe = tiny_recipe(between / "r.yaml", demo_root, stages=stages)
+    assert main([str(recipe), "run.stop_after_epochs=1"]) == 0  # at the end of stage 0
+    assert last(between / "run")["stage_done"]
+    assert main([str(recipe), "run.resume=auto", "optim.lr=0.05"]) == 0
+    assert "optim.lr: 0.02 -> 0.05" in capsys.readouterr().out
+    env = json.loads((between / "run" / "env.json").read_text())
+    assert [e["changed"] for e in env["resumes"]] == [{"optim.lr": [0.02, 0.05]}]
+    assert yaml.safe_load((between / "run" / "config.yaml").read_text())["optim"]["lr"] == 0.05
 
 
 def test_unknown_arch_stops_before_the_run_folder(tmp_path, demo_root, capsys):
