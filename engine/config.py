@@ -3,6 +3,9 @@ command-line overrides, and validation that names the offending key.
 
 Every field carries `help` (and optionally `choices`, `min`, `max`) in its metadata; the same
 metadata drives type checking, error messages and `python -m engine.run --help`.
+
+Recipe files, `key=value` overrides and `${VAR}` values are read with `YAMLLoader`: YAML 1.2's
+core schema (`5e-4` is a number, `off` a string) rather than PyYAML's YAML 1.1.
 """
 
 from __future__ import annotations
@@ -285,17 +288,51 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------
+# YAML: the 1.2 core schema
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with the implicit types of YAML 1.2's core schema instead of 1.1's:
+    booleans are only true/True/TRUE/false/False/FALSE (`on`, `off`, `yes`, `no` are strings);
+    floats need no dot and no exponent sign (`5e-4`, `1E3`, `.5`, `.inf`, `.nan`); integers
+    are decimal (`010` is 10; no octal, hex, `_` or base 60); `2024-01-01` is a string, not a
+    date. Null (`~`, `null`, empty) and merge keys (`<<`) are as before."""
+
+    yaml_implicit_resolvers: ClassVar[dict] = {}
+
+
+for _tag, _pattern, _first in [
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?[0-9]+", "-+0123456789"),
+    (
+        "float",
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+.0123456789",
+    ),
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("merge", r"<<", "<"),
+]:
+    YAMLLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first)
+    )
+del _tag, _pattern, _first
+# Decimal, as the resolver above allows (PyYAML's 1.1 constructor reads `010` as octal 8).
+YAMLLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(node.value))
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 
 
 def read_yaml(path: str | os.PathLike, what: str) -> dict:
-    """The mapping in a YAML file (`what`: "recipe", "study"); missing files, malformed YAML
-    and non-mappings are user errors naming the file (and line)."""
+    """The mapping in a YAML file (`what`: "recipe", "study"), read by `YAMLLoader`; missing
+    files, malformed YAML and non-mappings are user errors naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), YAMLLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -342,12 +379,13 @@ def expand_cycles(stages: list) -> list:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in the raw recipe; the value is parsed as YAML (`x=[1,2]`, `y=true`)."""
+    """Set `a.b.c=value` in the raw recipe; the value is parsed as YAML 1.2 (`x=[1,2]`,
+    `y=true`, `z=5e-4`), text that is no valid YAML is taken as it is."""
     key, eq, text = item.partition("=")
     if not eq or not key:
         raise UserError(f"override '{item}': expected dotted.key=value")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = yaml.load(text, YAMLLoader) if text else ""
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
@@ -397,7 +435,7 @@ def expand_env(node: Any, key: str) -> Any:
         return value
 
     out = _VAR.sub(sub, node)
-    return yaml.safe_load(out) if _VAR.fullmatch(node) and out else out
+    return yaml.load(out, YAMLLoader) if _VAR.fullmatch(node) and out else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,6 +484,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and type(value) is int:  # `name: 2024`: YAML's integer, the user's text
+        return str(value)
     if type(value) is tp:  # exact: a bool is not an int, an int is not a str
         return value
     raise UserError(f"recipe key '{key}': expected {_name(tp)}, got {_show(value)}")

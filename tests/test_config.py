@@ -176,3 +176,146 @@ def test_describe_lists_every_key():
     text = "\n".join(config.describe())
     for key in ("model.arch", "data.steps_per_epoch", "optim.label_smoothing", "run.resume"):
         assert key in text
+
+
+# --------------------------------------------------------------------------------------------
+# YAML 1.2 core schema: `5e-4` is a number and `off` a string, in files, overrides and ${VAR}
+
+
+def write_text(tmp_path: Path, text: str) -> Path:
+    """A recipe file written as a user types it (yaml.safe_dump would normalise the values)."""
+    base(tmp_path)  # the data folders
+    path = tmp_path / "typed.yaml"
+    path.write_text(
+        f"model: {{arch: resnet20, num_classes: 10}}\n"
+        f"data: {{root: {tmp_path / 'd'}, batch_size: 8}}\n"
+        f"schedule: {{kind: step, epochs: 4, milestones: [2]}}\n"
+        f"stages: [{{train: {{}}}}]\n{text}"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("5e-4", 5e-4),
+        ("1e-2", 0.01),
+        ("1E3", 1000.0),
+        (".5", 0.5),
+        ("-2.5e+3", -2500.0),
+        ("1.0e30", 1e30),
+        ("1.0e+30", 1e30),
+        ("1.", 1.0),
+        ("-.inf", float("-inf")),
+        ("7", 7),
+        ("-3", -3),
+        ("010", 10),  # decimal, not YAML 1.1's octal 8
+        ("0x1f", "0x1f"),  # no hex or octal
+        ("true", True),
+        ("True", True),
+        ("FALSE", False),
+        ("off", "off"),
+        ("on", "on"),
+        ("yes", "yes"),
+        ("No", "No"),
+        ("y", "y"),
+        ("1_000", "1_000"),
+        ("1:30", "1:30"),  # not YAML 1.1's base-60 integer 90
+        ("2024-01-01", "2024-01-01"),  # not a date
+        ("inf", "inf"),
+        ("null", None),
+        ("~", None),
+        ("[1, 5e-4, off]", [1, 5e-4, "off"]),
+    ],
+)
+def test_yaml_loader_follows_the_1_2_core_schema(text, value):
+    got = yaml.load(text, config.YAMLLoader)
+    assert got == value and type(got) is type(value)
+
+
+def test_yaml_loader_leaves_pyyaml_alone():
+    assert yaml.safe_load("off") is False and yaml.safe_load("5e-4") == "5e-4"
+    assert yaml.load("{a: 1, <<: {b: 2}}", config.YAMLLoader) == {"a": 1, "b": 2}
+
+
+def test_recipe_file_numbers_and_strings_as_yaml_1_2(tmp_path):
+    r = config.load(
+        write_text(
+            tmp_path,
+            "name: 2024\n"
+            "optim: {lr: 1e-2, weight_decay: 5e-4, nesterov: True}\n"
+            "schedule: {kind: step, epochs: 4, milestones: [2], div_factor: 1E3}\n"
+            "precision: {amp: off, compile: false}\n",
+        )
+    )
+    assert (r.optim.lr, r.optim.weight_decay, r.schedule.div_factor) == (0.01, 5e-4, 1000.0)
+    assert all(type(x) is float for x in (r.optim.lr, r.optim.weight_decay))
+    assert r.precision.amp == "off"
+    assert r.optim.nesterov is True and r.precision.compile is False
+    assert r.name == "2024"  # a string field takes an integer's digits
+
+
+def test_overrides_numbers_and_strings_as_yaml_1_2(tmp_path):
+    r = config.load(
+        write(tmp_path, base(tmp_path)),
+        [
+            "optim.weight_decay=5e-4",
+            "optim.lr=1e-2",
+            "schedule.div_factor=1E3",
+            "schedule.pct_start=.5",
+            "precision.amp=off",
+            "optim.nesterov=true",
+            "data.augment=False",
+            "seed=010",
+            "name=2024",
+        ],
+    )
+    assert (r.optim.weight_decay, r.optim.lr, r.schedule.div_factor) == (5e-4, 0.01, 1000.0)
+    assert r.schedule.pct_start == 0.5
+    assert r.precision.amp == "off"
+    assert r.optim.nesterov is True and r.data.augment is False
+    assert r.seed == 10 and r.name == "2024"
+
+
+def test_env_values_as_yaml_1_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMP", "off")
+    monkeypatch.setenv("WD", "5e-4")
+    body = base(tmp_path, precision={"amp": "${AMP}"}, optim={"weight_decay": "${WD}"})
+    r = config.load(write(tmp_path, body))
+    assert r.precision.amp == "off" and r.optim.weight_decay == 5e-4
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lr=off", "'optim.lr': expected a number, got 'off'"),
+        ("optim.weight_decay=5e-4x", "'optim.weight_decay': expected a number, got '5e-4x'"),
+        ("optim.lr=true", "'optim.lr': expected a number, got True"),
+        ("optim.nesterov=yes", "'optim.nesterov': expected true/false, got 'yes'"),
+        ("data.batch_size=1e3", "'data.batch_size': expected an integer, got 1000.0"),
+        ("precision.amp=on", "'precision.amp': 'on' is not one of bf16, fp16, off"),
+        ("name=[1]", "'name': expected a string, got [1]"),
+        ("name=null", "'name': expected a string, got None"),
+    ],
+)
+def test_wrong_types_are_still_errors(tmp_path, override, fragment):
+    with pytest.raises(UserError) as e:
+        config.load(write(tmp_path, base(tmp_path)), [override])
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_yaml_1_2_values_and_a_wrong_type_exit_2(tmp_path):
+    path = write_text(tmp_path, "optim: {weight_decay: 5e-4}\nprecision: {amp: off}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.run", str(path), "optim.lr=1e-2", "precision.amp=off"]
+        + ["seed=off"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    # 5e-4, 1e-2 and off all passed: the one error is the key that is really wrong
+    assert proc.stderr.strip().splitlines() == [
+        "error: recipe key 'seed': expected an integer, got 'off'"
+    ]
