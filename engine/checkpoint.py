@@ -91,10 +91,13 @@ def state_dict_of(obj: dict) -> dict[str, torch.Tensor]:
 def rng_state() -> dict:
     """The host RNGs and this process's CUDA device's (not every visible device's: a rank that
     resumes may see fewer GPUs than rank 0 did)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # as a tensor and plain numbers, not numpy's array: a checkpoint then loads with
+        # torch.load's default weights_only=True
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -104,7 +107,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor, or (older checkpoints) an array
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     cuda = state.get("cuda")
     if cuda is None or not torch.cuda.is_available():
         return

@@ -33,6 +33,8 @@ def test_trains_above_chance_and_writes_the_run_folder(tmp_path, demo_root, caps
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "stage0-train.pt"}
+    for ckpt in (run / "checkpoints").iterdir():  # plain torch.load: weights_only=True
+        assert {"model", "masks", "arch", "optimizer", "rng"} <= torch.load(ckpt).keys()
 
     lines = rows(run)
     for row in lines:
