@@ -601,6 +601,8 @@ def _validate_prune(r: Recipe, stage: PruneStage, i: int) -> None:
     key = f"stages.{i}.prune"
     if not any(isinstance(x, (LoadStage, TrainStage)) for x in r.stages[:i]):
         raise UserError(f"recipe key '{key}': a prune stage needs a train or load stage before it")
+    if stage.scope != "global" and stage.method != "random":
+        raise UserError(f"recipe key '{key}.scope': only random pruning takes scope")
     structured = stage.method in ("l1_filter", "random_filter")
     if structured:
         if stage.sparsity:

@@ -109,10 +109,11 @@ class Context:
         flag = torch.tensor([float(self.stop.requested)], device=self.dist.device)
         return bool(self.dist.all_reduce_sum(flag).item())
 
-    def stop_message(self, step: int) -> str:
+    def stop_message(self, stage: int, step: int) -> str:
         return (
-            f"stopped at step {step}; last.pt saved in {self.run_dir}. Resume with the same "
-            f"command plus run.resume=auto (or run.dir={self.run_dir} run.resume=auto)"
+            f"stopped at stage {stage} step {step}; last.pt saved in {self.run_dir}. Resume "
+            f"with the same command plus run.resume=auto (or run.dir={self.run_dir} "
+            "run.resume=auto)"
         )
 
     def state(self, stage: int, step: int, done: bool, opt=None, scaler=None) -> dict:
@@ -313,5 +314,5 @@ def run_all(ctx: Context, resume: dict | None) -> list[dict]:
             code = stop_code(ctx)
         if code is not None:
             ctx.dist.barrier()  # every rank exits after rank 0 has saved
-            raise Interrupted(ctx.stop_message(steps), code)
+            raise Interrupted(ctx.stop_message(index, steps), code)
     return ctx.results

@@ -216,7 +216,7 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
                 ctx.save_last(plan.index, step, opt, scaler)
             if ctx.stop_requested(sync_point=step % every == 0):
                 if not epoch_end:
-                    save_and_stop(ctx.stop_message(step), stop_code(ctx))
+                    save_and_stop(ctx.stop_message(plan.index, step), stop_code(ctx))
                 stopping = True  # after this epoch's eval, rewind point and checkpoint
         bar.close()
         guard.sync(int(window[2].item()))  # host sync: once per epoch, before eval and saving
@@ -240,9 +240,9 @@ def fit(ctx, plan: StagePlan, resume: dict | None) -> dict:
         if final:  # the stage's checkpoints (and a stop requested now) are run_all's
             break
         if stopping:
-            save_and_stop(ctx.stop_message(step), stop_code(ctx))
+            save_and_stop(ctx.stop_message(plan.index, step), stop_code(ctx))
         if r.run.stop_after_epochs and ctx.epochs_run >= r.run.stop_after_epochs:
-            save_and_stop(ctx.stop_message(step), 0)
+            save_and_stop(ctx.stop_message(plan.index, step), 0)
         if done_epoch % r.checkpoint.every_epochs == 0:
             ctx.save_last(plan.index, step, opt, scaler)
     return result

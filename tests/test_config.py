@@ -95,6 +95,13 @@ def test_env_expansion(tmp_path, monkeypatch):
             [],
             "'stages.1.prune.fraction': resnet20 needs 3 fractions",
         ),
+        (
+            lambda b: b.__setitem__(
+                "stages", [{"train": {}}, {"prune": {"sparsity": 0.5, "scope": "layer"}}]
+            ),
+            [],
+            "'stages.1.prune.scope': only random pruning takes scope",
+        ),
         (lambda b: None, ["schedule.milestones=[3,2]"], "'schedule.milestones'"),
         (lambda b: b.__setitem__("stages", [{"trian": {}}]), [], "did you mean 'train'?"),
         (lambda b: b.__setitem__("stages", []), [], "'stages'"),

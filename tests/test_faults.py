@@ -66,6 +66,7 @@ def test_sigterm_mid_epoch_then_resume_equals_straight(tmp_path, demo_root):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "last.pt saved" in err and "run.resume=auto" in err
+    assert "stopped at stage 0 step" in err
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert 8 <= stopped["step"] < 60 and not stopped["stage_done"]
 

@@ -92,6 +92,7 @@ def build_loaders(
                     f"recipe key 'data.root': {root} has no train/ but is not empty, so the demo "
                     "dataset is not generated there"
                 )
+            print(f"data: generating the demo dataset in {root}", file=sys.stderr)
             demo.make_demo_dataset(root)
         dist.barrier()  # every rank, every time: the others wait for rank 0's dataset
     kw = dict(dist=dist, seed=seed, num_classes=num_classes, channels_last=channels_last)
