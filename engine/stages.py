@@ -148,11 +148,12 @@ class Context:
 
 
 def run_load(ctx: Context, stage: LoadStage, index: int, resume: dict | None) -> dict:
-    """Load weights from an engine checkpoint or a torchvision-format state dict."""
+    """Load weights from an engine checkpoint or a torchvision-format state dict; evaluate
+    them (the accuracy before pruning, in recipes that start from a trained model)."""
     where = f"recipe key 'stages.{index}.load.checkpoint': {stage.checkpoint}"
     ctx.adopt(checkpoint.read(stage.checkpoint), where, stage.strict)
     ctx.say(f"stage {index} load: {stage.checkpoint}")
-    return {}
+    return ctx.evaluate(index, 0, 0.0)
 
 
 def run_train(ctx: Context, stage: TrainStage, index: int, resume: dict | None) -> dict:

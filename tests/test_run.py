@@ -100,6 +100,9 @@ def test_load_model_round_trip_and_load_stage(tmp_path, demo_root):
     loaded = load_model(tmp_path / "run2" / "checkpoints" / "stage0-load.pt")
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])
+    trained = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"][0]["top1"]
+    load = json.loads((tmp_path / "run2" / "summary.json").read_text())["stages"][0]
+    assert load["top1"] == trained  # the loaded weights evaluated: the closing table shows it
 
 
 def test_load_stage_rejects_another_architecture(tmp_path, demo_root, capsys):
