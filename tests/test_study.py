@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine import config, study
 from engine.errors import UserError
+from engine.models import build_model
 from engine.study.report import last_error
 from tests.conftest import tiny_recipe
 
@@ -51,12 +53,16 @@ def test_runs_cells_reports_failures_and_skips_finished_cells(
     # a run that started but saved nothing to resume from: the study starts it afresh
     (out / "lr0.05-s0").mkdir(parents=True)
     (out / "lr0.05-s0" / "metrics.jsonl").write_text("")
+    # a cell whose recipe loads but whose run fails: it resumes from a broken last.pt
+    (out / "lr0.03-s0" / "checkpoints").mkdir(parents=True)
+    (out / "lr0.03-s0" / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     path = write_study(
-        tmp_path / "s.yaml", base=str(base), out=str(out), grid={"optim.lr": [0.05, -1.0, 0.02]}
+        tmp_path / "s.yaml", base=str(base), out=str(out), grid={"optim.lr": [0.05, 0.03, 0.02]}
     )
     assert study.main([str(path)]) == 1  # the middle cell fails, the last one still runs
     console = capsys.readouterr().out
-    assert "[2/3] lr-1.0-s0: FAILED (exit 2): error: recipe key 'optim.lr'" in console
+    assert "[2/3] lr0.03-s0: FAILED (exit 2): error: checkpoint " in console
+    assert "not a readable checkpoint" in console
 
     good = ["lr0.05-s0", "lr0.02-s0"]
     report = (out / "study.md").read_text()
@@ -76,8 +82,8 @@ def test_runs_cells_reports_failures_and_skips_finished_cells(
         line = next(ln for ln in report.splitlines() if ln.startswith(f"| `{row['cell']}`"))
         assert f"| 1/1 | {top1:.2f} ± 0.00 |" in line and f"| {final['img_per_s']:.0f} |" in line
         assert (float(name[2:6]), top1, 0.0) in plotted.lines[()]
-    assert "| `lr-1.0` | 0/1 | failed |" in report
-    assert "- `lr-1.0-s0`: failed or unfinished: error: recipe key 'optim.lr'" in report
+    assert "| `lr0.03` | 0/1 | failed |" in report
+    assert "- `lr0.03-s0`: failed or unfinished: error: checkpoint " in report
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # rerun: the finished cells start no process and keep their files; the failed one reruns
@@ -88,7 +94,7 @@ def test_runs_cells_reports_failures_and_skips_finished_cells(
     )
     mtimes = {n: (out / n / "summary.json").stat().st_mtime_ns for n in good}
     assert study.main([str(path)]) == 1
-    assert len(started) == 1 and "optim.lr=-1.0" in started[0]
+    assert len(started) == 1 and "optim.lr=0.03" in started[0]
     assert {n: (out / n / "summary.json").stat().st_mtime_ns for n in good} == mtimes
     assert capsys.readouterr().out.count("finished already") == 2
 
@@ -118,8 +124,7 @@ def test_bad_study_file_exits_2_with_one_line(tmp_path, demo_root, capsys, body,
 
 def prepared_study(tmp_path: Path, demo_root: Path, **extra) -> Path:
     base = tiny_base(tmp_path, demo_root)
-    return write_study(
-        tmp_path / "s.yaml",
+    body = dict(
         base=str(base),
         out=str(tmp_path / "out"),
         seeds=[0, 1],
@@ -130,8 +135,8 @@ def prepared_study(tmp_path: Path, demo_root: Path, **extra) -> Path:
             "method": {"mag": {"stages.1.prune.method": "global_magnitude"}},
             "stages.1.prune.sparsity": [0.5, 0.8],
         },
-        **extra,
     )
+    return write_study(tmp_path / "s.yaml", **{**body, **extra})
 
 
 def test_print_gives_one_command_per_cell_with_references_resolved(tmp_path, demo_root, capsys):
@@ -154,6 +159,146 @@ def test_print_gives_one_command_per_cell_with_references_resolved(tmp_path, dem
     assert jobs[0].startswith("j_dense_s0=$(sbatch --parsable --kill-on-invalid-dep=yes -N1 ")
     assert "--dependency=afterok:$j_dense_s1 --wrap 'DENSE=" in jobs[3]
     assert "torchrun --nproc_per_node=8 -m engine.run" in jobs[3]
+
+
+GRID_TYPO = (  # a misspelt grid key: found in the first grid cell, before the prepare cells run
+    {"grid": {"stages.1.prune.sparsity": [0.5], "stages.1.prune.methd": ["random"]}},
+    "error: cell sparsity0.5-random-s0: unknown recipe key 'stages.1.prune.methd' (did you mean "
+    "'method'? ",
+)
+SET_VALUE = (  # a bad value in the study's set: its prepare cells take it too
+    {"schedule.epochs": 0},
+    "error: cell dense-s0: recipe key 'schedule.epochs': 0 is below the minimum 1",
+)
+NO_VARIABLE = (  # the load stage's variable: set by no cell (--print would take it as set)
+    {"env": {}},
+    "error: cell mag-sparsity0.5-s0: recipe key 'stages.0.load.checkpoint': environment variable "
+    "DENSE is not set",
+)
+
+
+@pytest.mark.parametrize(
+    ("mode", "change", "message"),
+    [([], *GRID_TYPO), (["--print"], *GRID_TYPO), ([], *SET_VALUE), (["--print"], *SET_VALUE)]
+    + [([], *NO_VARIABLE)],
+    ids=["grid-typo", "grid-typo-print", "set-value", "set-value-print", "no-variable"],
+)
+def test_a_cell_that_would_not_load_stops_the_study_before_any_runs(
+    tmp_path, demo_root, capsys, monkeypatch, mode, change, message
+):
+    """Every cell's recipe is loaded before any cell runs (and before --print prints): the
+    first problem ends the study with exit code 2 and one line naming the cell and the key, and
+    no prepare cell has trained."""
+    monkeypatch.delenv("DENSE", raising=False)
+    path = prepared_study(tmp_path, demo_root)
+    body = yaml.safe_load(path.read_text())
+    if "schedule.epochs" in change:
+        change = {"set": {**body["set"], **change}}
+    write_study(path, **{**body, **change})
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **kw: started.append(a))
+    assert study.main([str(path), *mode]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith(message), captured.err
+    assert started == [] and not (tmp_path / "out").exists()  # no run folder, no logs
+
+
+def test_cells_are_checked_against_what_their_prepare_cells_will_write(
+    tmp_path, demo_root, capsys, monkeypatch
+):
+    """A grid cell names files its prepare cell has not written yet: it is checked against
+    stand-ins of exactly what that cell's run will write (last.pt, its rewind points)."""
+    monkeypatch.delenv("DENSE", raising=False)
+    wr = {"retrain": {"variant": "wr", "epochs": 1}}  # rewinds to epoch T - E = 0 of the dense
+    stages = [{"load": {"checkpoint": "${DENSE}"}}, {"prune": {"sparsity": 0.5}}, wr]
+    path = prepared_study(tmp_path, demo_root, set={"stages": stages})
+    assert study.main([str(path), "--print"]) == 2  # the dense run saves no rewind point
+    err = capsys.readouterr().err
+    assert err.startswith("error: cell mag-sparsity0.5-s0: recipe key 'stages.2.retrain.variant'")
+    rewind = tmp_path / "out" / "dense-s0" / "checkpoints" / "rewind-epoch0.pt"
+    assert f"{rewind} does not exist" in err and err.count("\n") == 1  # where it will be
+
+    body = yaml.safe_load(path.read_text())
+    body["prepare"]["dense"]["set"]["stages"] = [{"train": {"rewind_epochs": [0]}}]
+    write_study(path, **body)
+    assert study.main([str(path), "--print"]) == 0  # now it will: the cells check
+    assert not (tmp_path / "out" / "dense-s0").exists()  # the stand-ins were elsewhere
+
+    # a finished prepare cell is checked as it is, its files (no rewind point), not stand-ins
+    done = tmp_path / "out" / "dense-s0"
+    (done / "checkpoints").mkdir(parents=True)
+    (done / "checkpoints" / "last.pt").write_bytes(b"")
+    (done / "summary.json").write_text("{}")
+    capsys.readouterr()
+    assert study.main([str(path), "--print"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cell mag-sparsity0.5-s0: ") and str(done) in err
+
+
+def test_print_checks_cells_only_with_their_variables_set_here(
+    tmp_path, demo_root, capsys, monkeypatch
+):
+    """--print checks every cell when the variables they use are set here; a `${VAR}` not set
+    here (a data folder, a checkpoint on the cluster) skips the check, said so; running here
+    needs it."""
+    for var in ("STUDY_DATA", "STUDY_CKPT"):
+        monkeypatch.delenv(var, raising=False)
+    base = tiny_recipe(
+        tmp_path / "base.yaml",
+        Path("${STUDY_DATA}"),
+        model={"arch": "convnet_tiny"},
+        stages=[{"load": {"checkpoint": "${STUDY_CKPT}"}}, {"prune": {"sparsity": 0.5}}],
+    )
+    path = write_study(
+        tmp_path / "s.yaml", base=str(base), out=str(tmp_path / "out"),
+        grid={"stages.1.prune.sparsity": [0.5, 0.8]}, set={"optim.lrr": 0.1},
+    )  # fmt: skip
+    assert study.main([str(path), "--print"]) == 0
+    out, err = capsys.readouterr()
+    assert len([ln for ln in out.splitlines() if "engine.run" in ln]) == 2
+    assert err == "cells not checked: STUDY_CKPT, STUDY_DATA not set here\n"
+    assert study.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: cell sparsity0.5-s0: recipe key 'data.root': environment variable STUDY_DATA "
+        "is not set\n"
+    )
+    monkeypatch.setenv("STUDY_DATA", str(demo_root))
+    torch.save(build_model("convnet_tiny", 4).state_dict(), tmp_path / "w.pt")
+    monkeypatch.setenv("STUDY_CKPT", str(tmp_path / "w.pt"))
+    assert study.main([str(path), "--print"]) == 2  # set here: checked, and a typo is a typo
+    assert "cell sparsity0.5-s0: unknown recipe key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_set_goes_to_prepare_cells_too_except_stages(tmp_path, demo_root, capsys):
+    """The study's set shrinks the prepare runs with the grid (the schedule the grid cells
+    derive theirs from is the one the dense model trains with); its `stages` keys and values
+    naming a prepare cell stay with the grid cells; a prepare cell's own set comes last."""
+    sets = {
+        "stages": [{"load": {"checkpoint": "${DENSE}"}}, {"prune": {"sparsity": 0.5}}],
+        "schedule.epochs": 2,
+        "data.steps_per_epoch": 2,
+        "log.every_steps": 2,
+    }
+    prepare = {"dense": {"set": {"stages": [{"train": {}}], "log.every_steps": 1}}}
+    path = prepared_study(tmp_path, demo_root, set=sets, prepare=prepare)
+    assert study.main([str(path), "--print"]) == 0
+    lines = [shlex.split(ln) for ln in capsys.readouterr().out.splitlines() if "engine.run" in ln]
+    dense, grid = lines[0], lines[2]
+    assert dense[-3].endswith("dense-s0") and grid[-3].endswith("mag-sparsity0.5-s0")
+    for line in (dense, grid):
+        assert "schedule.epochs=2" in line and "data.steps_per_epoch=2" in line
+    assert "stages=[{train: {}}]" in dense and "log.every_steps=1" in dense
+    assert "log.every_steps=2" not in dense and not any("load" in arg for arg in dense)
+    assert any(arg.startswith("stages=[{load: {checkpoint: ") for arg in grid)
+    assert "log.every_steps=2" in grid
+
+    s = study.load(path)  # a value naming a prepare cell: that cell cannot take it
+    s.set["data.root"] = "${dense.dir}/images"
+    dense, grid = study.cells(s)[0], study.cells(s)[2]
+    assert not any(o.startswith("data.root=") for o in dense.overrides) and dense.needs == []
+    assert f"data.root={tmp_path / 'out' / 'dense-s0'}/images" in grid.overrides
 
 
 def test_table_averages_seeds_and_lists_missing_runs(tmp_path, demo_root):
@@ -224,6 +369,21 @@ def test_every_study_cell_loads(path, tmp_path, monkeypatch):
             config.load(cell.recipe, cell.overrides)
         except UserError as e:
             assert Path(cell.recipe).stem in NEEDS_PENDING_KEYS, f"{cell.name}: {e}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_passes_its_check(path, tmp_path, monkeypatch):
+    """The check before a study runs passes for the shipped studies: here with their variables
+    set, and for --print (cells run elsewhere) without them, as their comments show."""
+    monkeypatch.chdir(ROOT)
+    s = study.load(path)
+    s.out = str(tmp_path / "out")
+    recipe_env(tmp_path, monkeypatch)
+    study.check(s)
+    for var in ("IMAGENET_DIR", "CIFAR10_DIR", "R50_DENSE", "RESNET56_DENSE", "DEMO_DENSE"):
+        monkeypatch.delenv(var)
+    study.check(s, elsewhere=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_launch_command_that_is_no_program_is_a_user_error(tmp_path, demo_root, capsys):

@@ -7,15 +7,18 @@ subprocesses (or printed as cluster commands), summarised in study.md and study.
 
 Each cell is `python -m engine.run BASE overrides... seed=S run.dir=OUT/CELL run.resume=auto`, so a
 killed study continues where it stopped and finished cells (summary.json) are skipped. A bad study
-file ends with exit code 2 and one line naming the key; a failed cell is reported and the study
-goes on, exiting 1 at the end.
+file, or a cell whose recipe would not load (checked for every cell before any runs, also for
+--print), ends with exit code 2 and one line naming the cell and key; a cell that fails while it
+runs is reported and the study goes on, exiting 1 at the end.
 
-Modules: spec (the study file), cells (the grid as engine commands), runner (running them, or
---print), report (study.md, study.json), chart (study.png), cli (the command line).
+Modules: spec (the study file), cells (the grid as engine commands), check (every cell's recipe,
+before anything runs), runner (running them, or --print), report (study.md, study.json), chart
+(study.png), cli (the command line).
 """
 
 from engine.study.cells import Cell, cells, command, finished
 from engine.study.chart import ChartData, chart, chart_data
+from engine.study.check import check
 from engine.study.cli import main
 from engine.study.report import rows, table_markdown, write_report
 from engine.study.runner import print_commands, run
@@ -32,6 +35,7 @@ __all__ = [
     "cells",
     "chart",
     "chart_data",
+    "check",
     "command",
     "finished",
     "load",

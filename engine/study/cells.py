@@ -1,18 +1,26 @@
 """The cells of a study: prepare cells and grid points, once per seed, each one `engine.run`
-command with its `${NAME.checkpoint}` references resolved to the same seed's runs."""
+command with its `${NAME.checkpoint}` references resolved to the same seed's runs.
+
+The study's `set` goes to every cell, prepare cells included (so that a dense model is trained
+with the model, data and schedule its grid cells assume), except its `stages` keys (a cell's
+stages say what it does) and values that refer to prepare cells: those go to grid cells only.
+A prepare cell's own `set` comes after the study's."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from engine.config import YAMLLoader
 from engine.study.spec import REF, Study, axes
 
 
@@ -30,26 +38,44 @@ class Cell:
     needs: list[str] = field(default_factory=list)  # cells of the same seed that must finish
 
 
-def cells(s: Study) -> list[Cell]:
-    """Prepare cells (in order, per seed), then the grid (axis order, per seed)."""
+def cells(s: Study, runs: Callable[[str], Path] | None = None) -> list[Cell]:
+    """Prepare cells (in order, per seed), then the grid (axis order, per seed). `runs` gives
+    the run folder a `${NAME.checkpoint}` reference points into (default: OUT/NAME-sSEED; the
+    check before a study points unfinished ones at stand-ins)."""
     out = Path(s.out)
+    runs = runs or (lambda name: out / name)
     found = []
     grid = axes(s)
+    shared = {k: v for k, v in s.set.items() if not grid_only(k, v)}
     for seed in s.seeds:
         for name, p in s.prepare.items():
-            found.append(_cell(name, {}, seed, p.base or s.base, p.set, {}, out))
+            sets = {**shared, **p.set}
+            found.append(_cell(name, {}, seed, p.base or s.base, sets, {}, out, runs))
     for labels in itertools.product(*grid.values()):
         named = dict(zip(grid, labels, strict=True))
         sets = dict(s.set)
         for axis, label in named.items():
             sets.update(grid[axis][label])
         group = "-".join(labels)
-        found += [_cell(group, named, seed, s.base, sets, s.env, out) for seed in s.seeds]
+        found += [_cell(group, named, seed, s.base, sets, s.env, out, runs) for seed in s.seeds]
     return found
 
 
+def grid_only(key: str, value: Any) -> bool:
+    """A study `set` entry that prepare cells do not take: a `stages` key, or a value that
+    refers to a prepare cell (which cannot use its own output)."""
+    return key == "stages" or key.startswith("stages.") or bool(REF.search(json.dumps(value)))
+
+
 def _cell(
-    group: str, labels: dict, seed: int, recipe: str, sets: dict, env: dict, out: Path
+    group: str,
+    labels: dict,
+    seed: int,
+    recipe: str,
+    sets: dict,
+    env: dict,
+    out: Path,
+    runs: Callable[[str], Path],
 ) -> Cell:
     """A cell with its `${NAME.checkpoint}` references resolved to this seed's runs."""
     name = f"{group}-s{seed}"
@@ -57,7 +83,7 @@ def _cell(
 
     def sub(m: re.Match) -> str:
         needs.append(f"{m.group(1)}-s{seed}")
-        run = out / needs[-1]
+        run = runs(needs[-1])
         return str(run / "checkpoints" / "last.pt" if m.group(2) == "checkpoint" else run)
 
     def resolve(value: Any) -> Any:
@@ -76,7 +102,7 @@ def _cell(
 def _yaml(value: Any) -> str:
     """A value as the engine's `key=value` overrides read it (YAML, one line)."""
     try:
-        if isinstance(value, str) and yaml.safe_load(value) == value:
+        if isinstance(value, str) and yaml.load(value, YAMLLoader) == value:
             return value
     except yaml.YAMLError:
         pass  # quoted below

@@ -64,13 +64,19 @@ class Study:
     base: str = opt("", "base recipe of the grid cells, relative to the current folder")
     out: str = opt("", "study folder: one run folder per cell; empty = runs/studies/<name>")
     seeds: list[int] = opt([0], "every cell runs once per seed (recipe key `seed`)")
-    set: dict = opt({}, "overrides applied to every grid cell, `dotted.key: value`")
+    set: dict = opt(
+        {},
+        "overrides of every cell, `dotted.key: value`; prepare cells take them too (so that "
+        "e.g. a shorter schedule.epochs or data.steps_per_epoch shrinks the dense runs as well), "
+        "except keys under `stages` and values naming a prepare cell (`${NAME.checkpoint}`), "
+        "which go to grid cells only",
+    )
     env: dict = opt({}, "environment variables of every grid cell")
     prepare: dict = opt(
         {},
-        "cells run first, in order: `NAME: {base, set}`; `${NAME.checkpoint}` (its final "
-        "checkpoints/last.pt) and `${NAME.dir}` in set, env and grid values refer to the same "
-        "seed's run, which then runs first",
+        "cells run first, in order: `NAME: {base, set}` (this set after the study's); "
+        "`${NAME.checkpoint}` (its final checkpoints/last.pt) and `${NAME.dir}` in set, env and "
+        "grid values refer to the same seed's run, which then runs first",
     )
     grid: dict = opt(
         {},
