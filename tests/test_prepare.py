@@ -86,6 +86,17 @@ def test_resume(src, tmp_path, capsys):
         assert p == redo.relative_to(dst) or (dst / p).stat().st_mtime_ns == stamp
 
 
+def test_a_rerun_with_other_settings_is_refused(src, tmp_path, capsys):
+    """A rerun keeps the files already there, so it must not mix sizes: other settings into
+    the same folder are a one-line error (exit 2) naming the ones that made it."""
+    dst = tmp_path / "dst"
+    run(src, dst, capsys)
+    assert prepare.main([str(src), str(dst), "--max-side", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with --max-side 32 --quality 90" in err and err.count("\n") == 1
+    run(src, dst, capsys)  # the same settings resume it
+
+
 def test_interrupted_write_leaves_no_file(src, tmp_path, monkeypatch):
     def kill(*args, **kwargs):
         raise KeyboardInterrupt

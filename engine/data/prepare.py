@@ -16,6 +16,7 @@ skips it (resume). Unreadable files, truncated ones included, are reported and l
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -53,6 +54,7 @@ def prepare(
     )
     if not files:
         raise UserError(f"prepare: no images under {src}")
+    _check_settings(dst, {"max_side": max_side, "quality": quality})
     for stale in dst.rglob(".*.tmp"):  # left by an interrupted run
         stale.unlink()
     tasks = [(src / f, dst / f, max_side, quality) for f in files]
@@ -72,6 +74,24 @@ def prepare(
         shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
         print(f"prepare: {len(unreadable)} unreadable files left out: {shown}", file=sys.stderr)
     return totals
+
+
+def _check_settings(dst: Path, settings: dict[str, int]) -> None:
+    """A rerun resumes the copy (files already there are kept), so it must use the settings
+    that made them: recorded in DST/.prepare.json by the first run, refused if they differ."""
+    record = dst / ".prepare.json"
+    try:
+        made = json.loads(record.read_text())
+    except (OSError, ValueError):  # a new copy (or one from a version that kept no record)
+        made = None
+    if isinstance(made, dict) and made != settings:
+        was = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in made.items())
+        raise UserError(
+            f"prepare: {dst} was made with {was}; rerun with those to resume it, or choose "
+            "another output folder"
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings) + "\n")
 
 
 def _pool(workers: int):
