@@ -88,8 +88,12 @@ def _widths(
                 raise ValueError(f"setting {fraction!r} of {arch} needs {len(widths)} convs")
             return list(widths)
         if fraction not in settings.RESNET.get(arch, {}):
-            known = {a: s for a, s in settings.SETTINGS.items() if fraction in s}
-            raise ValueError(f"no pruning setting {fraction!r} for {arch} (settings: {known})")
+            own = ", ".join(settings.SETTINGS.get(arch, ())) or "none"
+            where = [a for a, s in settings.SETTINGS.items() if fraction in s]
+            hint = f"; {fraction!r} is a setting of {', '.join(where)}" if where else ""
+            raise ValueError(
+                f"no pruning setting {fraction!r} for {arch} (its settings: {own}{hint})"
+            )
         if units[-1].block + 1 != settings.RESNET_BLOCKS[arch]:
             raise ValueError(f"setting {fraction!r} of {arch} does not fit this model")
         per_stage, skip = settings.RESNET[arch][fraction]
