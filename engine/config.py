@@ -704,11 +704,14 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def describe(cls: type = Recipe, prefix: str = "") -> list[str]:
-    """One line per recipe key: name, default and help, for `--help`."""
+    """One line per recipe key: name, default and help, for `--help`; a section's own keys
+    before its subsections (so that no key reads as part of the subsection above it)."""
     lines = []
-    for f in dataclasses.fields(cls):
+    hints = typing.get_type_hints(cls)
+    fields = sorted(dataclasses.fields(cls), key=lambda f: dataclasses.is_dataclass(hints[f.name]))
+    for f in fields:
         key = prefix + f.name
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"{key}:")
             lines += describe(tp, key + ".")
