@@ -415,7 +415,8 @@ def _index(node: list, part: str, parts: list[str]) -> int:
     return int(part)
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `${VAR}` or `${VAR:-default}` (group 2: the default, None without one)
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_env(node: Any, key: str) -> Any:
@@ -434,8 +435,8 @@ def expand_env(node: Any, key: str) -> Any:
             raise UserError(f"recipe key '{key}': environment variable {m.group(1)} is not set")
         return value
 
-    out = _VAR.sub(sub, node)
-    return yaml.load(out, YAMLLoader) if _VAR.fullmatch(node) and out else out
+    out = ENV_VAR.sub(sub, node)
+    return yaml.load(out, YAMLLoader) if ENV_VAR.fullmatch(node) and out else out
 
 
 # --------------------------------------------------------------------------------------------

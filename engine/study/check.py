@@ -14,7 +14,6 @@ here, the check is skipped, said so, rather than guessing what the variable hold
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,8 +25,6 @@ from engine.config import Recipe, TrainStage
 from engine.errors import UserError
 from engine.study.cells import Cell, cells, finished
 from engine.study.spec import Study
-
-UNSET = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # `${VAR}` without a `:-default`
 
 
 def check(s: Study, elsewhere: bool = False) -> None:
@@ -64,7 +61,8 @@ def _unset(all_cells: list[Cell]) -> list[str]:
     names = set()
     for cell in all_cells:
         text = Path(cell.recipe).read_text() if Path(cell.recipe).is_file() else ""
-        used = UNSET.findall(" ".join([text, *cell.overrides, *cell.env.values()]))
+        found = config.ENV_VAR.finditer(" ".join([text, *cell.overrides, *cell.env.values()]))
+        used = {m.group(1) for m in found if m.group(2) is None}  # no default
         names |= {v for v in used if v not in cell.env and v not in os.environ}
     return sorted(names)
 
