@@ -52,6 +52,15 @@ class StopRequest:
         return self.signal is not None
 
 
+def leave_stops_to_the_main_process(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: loader workers ignore SIGTERM and SIGINT. A stop sent to the
+    whole process group (torchrun, `timeout`, Slurm, Ctrl-C) would otherwise kill each worker
+    (torch's handler), failing the next batch before last.pt is saved, or print the stop
+    message once per worker. Workers still end with the main process (torch's watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Interrupted(Exception):
     """Raised by the training loop once last.pt is saved after a stop request or after
     `run.stop_after_epochs`; `exit_code` is 0 for a planned stop, 128+signal otherwise."""

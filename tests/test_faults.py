@@ -51,21 +51,24 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def test_sigterm_mid_epoch_then_resume_equals_straight(tmp_path, demo_root):
-    common = {"data": {"steps_per_epoch": 0}, "schedule": {"epochs": 2}}
+    """The SIGTERM goes to the whole process group, loader workers included, as torchrun,
+    `timeout` and Slurm send it: the workers leave the stop to the main process."""
+    common = {"data": {"steps_per_epoch": 0, "workers": 2}, "schedule": {"epochs": 2}}
     straight = tiny_recipe(tmp_path / "a" / "r.yaml", demo_root, **common)
     assert main([str(straight)]) == 0
 
     parts = tiny_recipe(tmp_path / "b" / "r.yaml", demo_root, **common)
     run = tmp_path / "b" / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.run", str(parts)],
+        [sys.executable, "-m", "engine.run", str(parts)], start_new_session=True,
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     wait_for_step(run, 8, proc)  # 30 steps per epoch: mid-epoch 1
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "last.pt saved" in err and "run.resume=auto" in err
+    assert err.count("SIGTERM: finishing this step") == 1, err
     assert "stopped at stage 0 step" in err
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert 8 <= stopped["step"] < 60 and not stopped["stage_done"]

@@ -33,6 +33,7 @@ from engine.config import DataConfig
 from engine.data import decode, prefetch, sample_seed, say_once, train_image_size, val_resize
 from engine.distributed import Dist
 from engine.errors import UserError
+from engine.preemption import leave_stops_to_the_main_process
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -306,6 +307,7 @@ class FolderTrainLoader(_Loader):
             pin_memory=dist.device.type == "cuda",
             drop_last=True,
             persistent_workers=False,
+            worker_init_fn=leave_stops_to_the_main_process,
             generator=torch.Generator(),  # its base seed draw leaves the global RNG alone
         )
         full = len(self.loader)
@@ -375,6 +377,7 @@ class FolderValLoader(_Loader):
             num_workers=cfg.workers,
             collate_fn=dataset.collate,
             pin_memory=dist.device.type == "cuda",
+            worker_init_fn=leave_stops_to_the_main_process,
             generator=torch.Generator(),
         )  # own generator: the workers' base seed is not drawn from the global RNG
 
