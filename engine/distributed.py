@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,12 @@ class Dist:
         if self.active:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return t
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors`, in place on every rank."""
+        if self.active:
+            for t in tensors:
+                tdist.broadcast(t, src=0)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (run folder names, resume decisions)."""

@@ -95,6 +95,9 @@ class Context:
         """Evaluate the bare model now and log an `eval` line ({} without a val set)."""
         if self.val_loader is None:
             return {}
+        # Each rank's training forward updated its own BN statistics; DDP keeps rank 0's (it
+        # broadcasts them each forward) and so does the checkpoint: evaluate with those.
+        self.dist.broadcast_(self.model.buffers())
         metrics = evaluate(self.model, self.val_loader, self.dist, amp_dtype(self.recipe.precision))
         self.log.write("eval", stage, epoch, step, **metrics)
         return metrics

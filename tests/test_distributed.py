@@ -114,3 +114,35 @@ def test_a_user_error_stops_every_rank_at_once_said_once(tmp_path, demo_root, ov
     assert len(errors) == 1 and key in errors[0], proc.stderr[-3000:]
     codes = re.findall(r"exitcode\s*:\s*(\d+)", proc.stderr)
     assert codes and set(codes) == {"2"}, proc.stderr[-3000:]  # rank 1 used to crash (exit 1)
+
+
+def test_the_eval_line_is_the_saved_models_accuracy(tmp_path, demo_root):
+    """Each rank's training forward updates its own BN running statistics, and DDP keeps rank
+    0's (it broadcasts them each forward). The ranks evaluate with rank 0's too, so the eval
+    line of a 2-process run is what its checkpoint scores in one process."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root, schedule={"epochs": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "engine.run", str(recipe), "data.batch_size=8", f"run.dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = tmp_path / "two" / "checkpoints" / "stage0-train.pt"
+    assert (
+        main(
+            [
+                str(recipe),
+                f"run.dir={tmp_path / 'one'}",
+                f"stages=[{{load: {{checkpoint: {saved}}}}}]",
+            ]
+        )
+        == 0
+    )
+
+    def eval_line(run: str) -> dict:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if '"eval"' in x][-1]
+
+    two, one = eval_line("two"), eval_line("one")
+    assert abs(two["top1"] - one["top1"]) < 1e-6 and abs(two["loss"] - one["loss"]) < 1e-5
