@@ -4,7 +4,11 @@ PY := .venv/bin/python
 # users elsewhere can install the package into an environment with their own torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint bench clean
+# The oldest release the engine supports, for `make test-oldest` (PyPI's CUDA builds, about
+# 3 GB; triton 3.0's CPU interpreter needs numpy 1).
+OLDEST := torch==2.4.1 torchvision==0.19.1 'numpy<2'
+
+.PHONY: demo test test-oldest lint bench clean
 
 .venv/ready: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +23,12 @@ demo: .venv/ready
 test: .venv/ready lint
 	$(PY) -m pytest -q
 
+test-oldest:
+	test -x .venv-oldest/bin/python || python3 -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q $(OLDEST)
+	.venv-oldest/bin/python -m pip install -q -e '.[dev]' $(OLDEST)
+	.venv-oldest/bin/python -m pytest -q
+
 lint: .venv/ready
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -27,4 +37,4 @@ bench: .venv/ready
 	$(PY) benchmarks/throughput.py --quick
 
 clean:
-	rm -rf .venv runs data
+	rm -rf .venv .venv-oldest runs data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -144,5 +145,10 @@ def _store(world: int, timeout: datetime.timedelta) -> tdist.Store:
 
 
 def close(dist: Dist) -> None:
+    """Destroy the process group. Older torch (2.4 here; pytorch/pytorch#154976) destroys it
+    holding the GIL while it joins the group's threads, which may still need the GIL to free
+    the last collective's tensors: a deadlock at exit, seen with gloo. A sleep releases the
+    GIL first, so those threads finish."""
     if dist.active and tdist.is_initialized():
+        time.sleep(0.05)
         tdist.destroy_process_group()

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -40,6 +41,9 @@ _LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()  # in float32, as torchvisi
 # decoding JPEG images: ..."): decoding image by image would only hide them. Case-sensitive
 # phrases: every torchvision message begins with its source file, decode_jpegs_cuda.cpp.
 _DEVICE_ERROR = re.compile(r"out of memory|CUDA error|CUDA stream|cudaError")
+# torchvision decodes a list of JPEGs in one call (one nvJPEG batch on CUDA) from 0.20 on;
+# 0.19, torch 2.4's, takes one image per call.
+BATCHED_DECODE = tuple(int(p) for p in torchvision.__version__.split(".")[:2]) >= (0, 20)
 
 
 @dataclass
@@ -178,7 +182,7 @@ def resized_crops(
 
 def decode_on_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Decode JPEG byte tensors (on the CPU) into CHW uint8 RGB on `device`, as one nvJPEG batch
-    on CUDA; None for each image it cannot decode."""
+    on CUDA (`BATCHED_DECODE`); None for each image it cannot decode."""
     if device.type == "cuda":
         # Host sync with the current (side) stream only, usually idle by now: nvJPEG writes
         # from its own stream into memory allocated on this one, without waiting for the
@@ -192,7 +196,9 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device) -> list[t
             # Blocks this thread (the loader's prefetch thread, prefetch.py) while nvJPEG parses
             # and decodes: torchvision synchronizes its decoder's own stream. The current stream
             # then waits for the result on the device.
-            return list(decode_jpeg(images, mode=ImageReadMode.RGB, device=device))
+            if BATCHED_DECODE:
+                return list(decode_jpeg(images, mode=ImageReadMode.RGB, device=device))
+            return [decode_jpeg(x, mode=ImageReadMode.RGB, device=device) for x in images]
         except RuntimeError as error:  # one bad image fails the batch: find it
             if _DEVICE_ERROR.search(str(error)):
                 raise
@@ -221,7 +227,7 @@ def nvjpeg_works(device: torch.device) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+            decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except (RuntimeError, ValueError):
             return False
     return True
