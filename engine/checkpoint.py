@@ -72,6 +72,11 @@ def read_resume(path: Path) -> dict:
             f"recipe key 'run.resume': {path} is not a last.pt of this engine (it lacks "
             f"{', '.join(missing)}); name a run folder or its checkpoints/last.pt"
         )
+    if path.name != "last.pt":  # a stage's checkpoint: the run would be rewritten from it on
+        raise UserError(
+            f"recipe key 'run.resume': {path} is not a last.pt; name a run folder or its "
+            "checkpoints/last.pt (to start from a stage's checkpoint, load it in a new run)"
+        )
     return ckpt
 
 

@@ -76,7 +76,7 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
         last = path / "checkpoints" / "last.pt"
         if auto and last.is_file():
             return path, last
-        if not auto and (path / "metrics.jsonl").exists():
+        if not auto and began(path):
             raise UserError(
                 f"recipe key 'run.dir': {path} already holds a run; add run.resume=auto to "
                 "continue it, or choose another folder"
@@ -87,6 +87,23 @@ def choose_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
         if found is not None:
             return found, found / "checkpoints" / "last.pt"
     return checkpoint.new_run_dir(Path("runs"), recipe.name), None
+
+
+def began(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that did some work: a metrics line other than a stage's
+    start. A start that failed at once (a load stage's checkpoint that does not fit) does not
+    count, so the same command, corrected, may run there."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    with path.open() as f:
+        for line in f:
+            try:
+                if json.loads(line).get("kind") != "stage":
+                    return True
+            except ValueError:  # a torn line: something was being written
+                return True
+    return False
 
 
 def says_error(dist: Dist | None, error: UserError) -> bool:
@@ -132,15 +149,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, env: dict, resumed: bool) -> 
 
 
 def train(recipe: Recipe, dist: Dist) -> int:
-    run_dir, resume_path = on_main(dist, lambda: choose_run_dir(recipe))
-    if (run_dir / "summary.json").exists():
-        if dist.is_main:
-            print(f"{run_dir} has finished already (summary.json); nothing to do")
-        return 0
-    resume = checkpoint.read_resume(resume_path) if resume_path is not None else None
-    env = environment(dist.world_size, dist.device)
-    on_main(dist, lambda: prepare_run_dir(run_dir, recipe, env, resumed=resume is not None))
-
+    # The model and the data first: what they find wrong (a batch larger than the data) is
+    # said before a run folder is made.
     set_determinism(recipe.run.deterministic, dist.device)
     torch.manual_seed(recipe.seed)  # identical initial weights on every rank
     m = recipe.model
@@ -155,6 +165,14 @@ def train(recipe: Recipe, dist: Dist) -> int:
         channels_last=recipe.precision.channels_last,
         dtype=amp_dtype(recipe.precision),
     )
+    run_dir, resume_path = on_main(dist, lambda: choose_run_dir(recipe))
+    if (run_dir / "summary.json").exists():
+        if dist.is_main:
+            print(f"{run_dir} has finished already (summary.json); nothing to do")
+        return 0
+    resume = checkpoint.read_resume(resume_path) if resume_path is not None else None
+    env = environment(dist.world_size, dist.device)
+    on_main(dist, lambda: prepare_run_dir(run_dir, recipe, env, resumed=resume is not None))
     log = MetricsLog(
         run_dir, dist.is_main, recipe.log.tensorboard, resume["elapsed"] if resume else 0.0
     )
@@ -276,6 +294,7 @@ COLUMNS = (  # closing table: header, result key, format
     ("kind", "kind", ""),
     ("epochs", "epochs", "d"),
     ("sparsity", "sparsity", ".3f"),
+    ("params", "params", ","),  # nonzero: what filter pruning removes shows only here
     ("top1 %", "top1", ".2f"),
     ("top5 %", "top5", ".2f"),
     ("img/s", "img_per_s", ".0f"),

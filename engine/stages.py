@@ -294,6 +294,8 @@ def run_all(ctx: Context, resume: dict | None) -> list[dict]:
         else:  # the stage's time counts its earlier processes too
             ctx.stage_began = mid_stage.get("stage_began", ctx.log.elapsed())
         result = RUNNERS[stage.kind](ctx, stage, index, mid_stage)
+        if "params" not in result:  # nonzero parameters after every stage (a host sync)
+            result["params"] = prune.report(ctx.model, ctx.masks or None)["params"]
         result["seconds"] = round(ctx.log.elapsed() - ctx.stage_began, 1)
         ctx.results.append({"stage": index, "kind": stage.kind, **result})
         steps = len(ctx.train_loader) * result.get("epochs", 0)

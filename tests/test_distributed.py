@@ -102,7 +102,7 @@ def test_a_user_error_stops_every_rank_at_once_said_once(tmp_path, demo_root, ov
     override = override.format(bare=bare)
     recipe = tiny_recipe(tmp_path / "r.yaml", demo_root)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run is there already
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train"}\n')  # a run was there
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -242,3 +242,38 @@ def test_stage_seconds_count_every_process_of_a_resumed_stage(tmp_path, demo_roo
     assert main([str(recipe), "run.resume=auto"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stages"][0]["seconds"] >= round(first["elapsed"] - first["stage_began"], 1)
+
+
+def test_a_start_that_failed_at_once_may_run_again_in_its_folder(tmp_path, demo_root, capsys):
+    """A load stage whose checkpoint does not fit fails after the run folder is made; the same
+    command with the right checkpoint runs there (nothing had run), a batch larger than the
+    data stops before any folder is made, and a folder where steps ran stays protected."""
+    wrong, right = tmp_path / "wrong.pt", tmp_path / "right.pt"
+    torch.save(build_model("resnet20", 10).state_dict(), wrong)
+    torch.save(build_model("resnet20", 4).state_dict(), right)
+    recipe = tiny_recipe(tmp_path / "r.yaml", demo_root, stages=[{"load": {"checkpoint": "x"}}])
+    assert main([str(recipe), f"stages.0.load.checkpoint={wrong}"]) == 2
+    assert "weights do not fit" in one_error_line(capsys)
+    assert main([str(recipe), f"stages.0.load.checkpoint={right}"]) == 0
+    assert [r["kind"] for r in rows(tmp_path / "run")] == ["stage", "eval", "stage"]
+
+    other = tmp_path / "other"
+    assert main([str(recipe), f"run.dir={other}", f"stages.0.load.checkpoint={right}",
+                 "data.batch_size=5000"]) == 2  # fmt: skip
+    assert "recipe key 'data.batch_size'" in one_error_line(capsys)
+    assert not other.exists()
+
+
+def test_resuming_from_a_stage_checkpoint_is_refused(tmp_path, demo_root, capsys):
+    """Resuming rewrites the run from its checkpoint on: a stage's checkpoint would silently
+    throw away the stages after it, so run.resume takes a run folder or its last.pt only."""
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml", demo_root, schedule={"epochs": 1},
+        stages=[{"train": {}}, {"prune": {"method": "global_magnitude", "sparsity": 0.5}}],
+    )  # fmt: skip
+    assert main([str(recipe), "run.stop_after_epochs=1"]) == 0
+    capsys.readouterr()
+    stage0 = tmp_path / "run" / "checkpoints" / "stage0-train.pt"
+    assert main([str(recipe), f"run.resume={stage0}"]) == 2
+    line = one_error_line(capsys)
+    assert "recipe key 'run.resume'" in line and "is not a last.pt" in line

@@ -9,6 +9,7 @@ import torchvision
 
 from engine import checkpoint, load_model
 from engine.errors import UserError
+from engine.models import build_model
 from engine.run import main
 from tests.conftest import tiny_recipe
 
@@ -29,6 +30,8 @@ def test_trains_above_chance_and_writes_the_run_folder(tmp_path, demo_root, caps
     summary = json.loads((run / "summary.json").read_text())
     top1 = summary["stages"][0]["top1"]
     assert top1 > 40.0, f"4 classes, chance is 25%, got {top1}"
+    dense = sum(p.numel() for p in build_model("resnet20", 4).parameters())
+    assert summary["stages"][0]["params"] == dense and f"{dense:,}" in out  # closing table
     assert (run / "config.yaml").is_file()
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
