@@ -154,6 +154,7 @@ def test_print_gives_one_command_per_cell_with_references_resolved(tmp_path, dem
     path = prepared_study(tmp_path, demo_root, **sbatch)
     script = tmp_path / "submit.sh"
     assert study.main([str(path), "--print", str(script)]) == 0
+    assert capsys.readouterr().out == f"6 of 6 cells to run: commands written to {script}\n"
     jobs = [ln for ln in script.read_text().splitlines() if "sbatch" in ln]
     assert len(jobs) == 6
     assert jobs[0].startswith("j_dense_s0=$(sbatch --parsable --kill-on-invalid-dep=yes -N1 ")
@@ -269,6 +270,28 @@ def test_print_checks_cells_only_with_their_variables_set_here(
     monkeypatch.setenv("STUDY_CKPT", str(tmp_path / "w.pt"))
     assert study.main([str(path), "--print"]) == 2  # set here: checked, and a typo is a typo
     assert "cell sparsity0.5-s0: unknown recipe key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_print_checks_a_study_that_sets_the_variables_itself(
+    tmp_path, demo_root, capsys, monkeypatch
+):
+    """As studies/cpu_demo.yaml: the base recipe loads `${DENSE}`, which the study's env sets
+    for the grid cells, and the prepare cell replaces that stage. Nothing is left unset, so
+    --print checks the cells (and finds a misspelt grid key)."""
+    monkeypatch.delenv("DENSE", raising=False)
+    base = tiny_recipe(
+        tmp_path / "base.yaml", demo_root, model={"arch": "convnet_tiny"},
+        stages=[{"load": {"checkpoint": "${DENSE}"}}, {"prune": {"sparsity": 0.5}}],
+    )  # fmt: skip
+    path = write_study(
+        tmp_path / "s.yaml", base=str(base), out=str(tmp_path / "out"),
+        prepare={"dense": {"set": {"stages": [{"train": {}}]}}},
+        env={"DENSE": "${dense.checkpoint}"}, grid={"stages.1.prune.sparsty": [0.5]},
+    )  # fmt: skip
+    assert study.main([str(path), "--print"]) == 2
+    assert "cell sparsty0.5-s0: unknown recipe key 'stages.1.prune.sparsty'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_set_goes_to_prepare_cells_too_except_stages(tmp_path, demo_root, capsys):

@@ -13,6 +13,7 @@ here, the check is skipped, said so, rather than guessing what the variable hold
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -57,11 +58,20 @@ def check(s: Study, elsewhere: bool = False) -> None:
 
 
 def _unset(all_cells: list[Cell]) -> list[str]:
-    """The `${VAR}`s (without a default) that cells use and neither they nor this process set."""
+    """The `${VAR}`s (without a default) that cells use and neither they nor this process set:
+    those of each cell's recipe after its overrides, as engine.run expands them (a prepare
+    cell's `stages` replace the base recipe's, and the variables those named)."""
     names = set()
     for cell in all_cells:
-        text = Path(cell.recipe).read_text() if Path(cell.recipe).is_file() else ""
-        found = config.ENV_VAR.finditer(" ".join([text, *cell.overrides, *cell.env.values()]))
+        try:
+            raw = config.read_yaml(Path(cell.recipe), "recipe")
+            for item in cell.overrides:
+                config.apply_override(raw, item)
+        except UserError:  # the check proper says what is wrong
+            raw = {}
+        found = config.ENV_VAR.finditer(
+            " ".join([json.dumps(raw, default=str), *cell.env.values()])
+        )
         used = {m.group(1) for m in found if m.group(2) is None}  # no default
         names |= {v for v in used if v not in cell.env and v not in os.environ}
     return sorted(names)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine import config
 from engine.errors import UserError
-from engine.study.cells import cells
+from engine.study.cells import cells, finished
 from engine.study.check import check
 from engine.study.report import write_report
 from engine.study.runner import print_commands, run
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(text)
             else:
                 Path(args.print).write_text(text)
-                print(f"{len(all_cells)} cells: commands written to {args.print}")
+                todo = sum(not finished(study, c.name) for c in all_cells)
+                print(f"{todo} of {len(all_cells)} cells to run: commands written to {args.print}")
             return 0
         if args.report:
             write_report(study, all_cells)
