@@ -495,13 +495,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build_stage(value: Any, key: str) -> Any:
     kinds = ", ".join(STAGE_TYPES)
     if not isinstance(value, dict) or len(value) != 1:
-        raise UserError(f"recipe key '{key}': a stage is a one-key mapping, one of: {kinds}")
+        has = ""
+        if isinstance(value, dict) and value:  # `stages.0.trian={}` adds a key to stage 0
+            guesses = [g for k in value if k not in STAGE_TYPES and (g := _closest_kind(k))]
+            hint = f" (did you mean '{guesses[0]}'?)" if guesses else ""
+            has = f"; it has {', '.join(repr(k) for k in value)}{hint}"
+        raise UserError(f"recipe key '{key}': a stage is a one-key mapping, one of: {kinds}{has}")
     ((kind, body),) = value.items()
     if kind not in STAGE_TYPES:
-        close = difflib.get_close_matches(str(kind), STAGE_TYPES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        close = _closest_kind(kind)
+        hint = f"did you mean '{close}'? " if close else ""
         raise UserError(f"recipe key '{key}': unknown stage '{kind}' ({hint}allowed: {kinds})")
     return _build(STAGE_TYPES[kind], body, f"{key}.{kind}")
+
+
+def _closest_kind(kind: Any) -> str | None:
+    close = difflib.get_close_matches(str(kind), STAGE_TYPES, n=1)
+    return close[0] if close else None
 
 
 def _check(value: Any, meta: Any, key: str) -> Any:

@@ -104,6 +104,7 @@ def test_env_expansion(tmp_path, monkeypatch):
         ),
         (lambda b: None, ["schedule.milestones=[3,2]"], "'schedule.milestones'"),
         (lambda b: b.__setitem__("stages", [{"trian": {}}]), [], "did you mean 'train'?"),
+        (lambda b: None, ["stages.0.trian={}"], "it has 'train', 'trian' (did you mean 'train'?)"),
         (lambda b: b.__setitem__("stages", []), [], "'stages'"),
         (lambda b: b["data"].__setitem__("root", "${NO_SUCH_VAR_X}"), [], "NO_SUCH_VAR_X"),
         (lambda b: b["data"].__setitem__("root", "/no/such/dir"), [], "/no/such/dir/train"),
