@@ -3,7 +3,7 @@
 # pip, no .venv): the GPU tests, the ResNet-50 throughput grid, the masked-SGD kernel benchmark,
 # the data-pipeline and structured-pruning benchmarks, the demo recipe under torchrun and, with
 # several GPUs, the DDP bucket sizes. Each part runs under `timeout` and the next one runs whatever
-# happened; the limits add up to 405 s, so the whole script stays under 7 minutes (give the device
+# happened; the limits add up to 415 s, so the whole script stays under 7 minutes (give the device
 # call 480 s: start-up and a killed part's 10 s grace come on top). Results and the log go to $OUT when
 # set, else to benchmarks/results/<date>-<card>/; a summary of what passed ends the log.
 #
@@ -78,9 +78,10 @@ part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the o
   SUMMARY+=("$(printf '%-11s %-15s %4ds' "$name" "$status" $((SECONDS - start)))")
 }
 
-# Budgets (seconds): 35 + 200 + 25 + 60 + 35 + 50 = 405, on one GPU (the H200 run of
-# 2026-11-27 took 24 + 217 + 14 + 22 + 25, before the demo part, under looser limits, and with
-# a smaller data part: it now times 8,448 files per split and loader at steady rate).
+# Budgets (seconds): 45 + 200 + 20 + 55 + 50 + 45 = 415, on one GPU (the H200 run of
+# 2026-11-27 took 24 + 217 + 14 + 22 + 25, before the demo part, under looser limits, with 36
+# GPU tests (now 47), 5 structured models (now 7, each row printed as measured) and a smaller
+# data part: it now times 8,448 files per split and loader at steady rate).
 # With several GPUs the ddp part takes 40 s of the grid's. The throughput grid starts no row
 # after 140 s (a compiled ResNet-50 row takes about 45 s on a fresh machine, its process
 # start-up some 10 s) and writes its JSON and table after every row, so a timeout keeps the
@@ -88,21 +89,22 @@ part() { # NAME SECONDS COMMAND...: run under a time limit, log it, record the o
 # of 16), about 13 s for the baseline loop.
 grid_s=140
 ((ngpu > 1)) && grid_s=100
-part gpu-tests 35 "$PY" -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider \
+part gpu-tests 45 "$PY" -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider \
   --continue-on-collection-errors
 # shellcheck disable=SC2086 # THROUGHPUT_ARGS is a list of flags
 part throughput $((grid_s + 60)) "$PY" benchmarks/throughput.py --budget-s "$grid_s" \
   --out "$RESULTS/throughput" ${THROUGHPUT_ARGS:-}
-part kernels 25 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
-part data 60 "$PY" benchmarks/data.py --out "$RESULTS"
-part structured 35 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
+part kernels 20 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
+part data 55 "$PY" benchmarks/data.py --out "$RESULTS"
+part structured 50 "$PY" benchmarks/structured.py --device cuda  # its table goes to the log
 # The demo recipe end to end as users run it (torchrun, checkpoints, the Triton update in
-# retraining), with the GPU settings; its run folder stays out of $OUT. One process: torchrun
-# makes no process group for a world of one, so NCCL and DDP run only in the ddp part.
+# retraining), with the GPU settings and nvJPEG decoding (the prefetch thread and the crop
+# kernel across epoch ends, evals and stages); its run folder stays out of $OUT. One process:
+# torchrun makes no process group for a world of one, so NCCL and DDP run only in the ddp part.
 scratch=$(mktemp -d)  # what stays out of $OUT
 trap 'rm -rf "$scratch"' EXIT
-part demo 50 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m engine.run \
-  recipes/demo.yaml precision.amp=bf16 precision.channels_last=true data.workers=8 \
+part demo 45 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m engine.run \
+  recipes/demo.yaml precision.amp=bf16 precision.channels_last=true data.decode=gpu data.workers=4 \
   data.root="$scratch/data" run.dir="$scratch/run"
 # DDP bucket sizes on every GPU of the machine (eager ResNet-50, five rows of about 5 s); DDP
 # needs two GPUs at least, so on one this part is skipped, and said so.

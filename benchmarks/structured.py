@@ -78,6 +78,7 @@ def main() -> None:
         "| arch | pruning | MACs/image | img/s | speed-up |",
         "|---|---|---:|---:|---:|",
     ]
+    print("\n".join(lines), flush=True)  # then each row as it is measured: a timeout keeps them
     rows = []
     for arch, classes, size, batch, amounts in CASES[device.type]:
         torch.manual_seed(0)
@@ -98,11 +99,10 @@ def main() -> None:
             lines.append(
                 f"| {arch} | {name} | {macs / 1e6:.1f} M | {rates[name]:.0f} | {speedup:.2f}x |"
             )
+            print(lines[-1], flush=True)
             model.cpu()  # frees the device for the next model
-    table = "\n".join(lines) + "\n"
-    if args.out is None:
-        print(table)
-    else:
+    if args.out is not None:
+        table = "\n".join(lines) + "\n"
         write_results(args.out, f"structured_{device.type}", {**env, "rows": rows}, table)
 
 

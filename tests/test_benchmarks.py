@@ -4,6 +4,7 @@ command line, the peak table, and the GPU check script's syntax."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,8 @@ def test_gpu_check_runs_the_parts_asked_for(
     assert [line.split()[:2] for line in summary if line] == outcomes
     if gpus > 1 and not parts:
         assert f"--nproc_per_node={gpus} benchmarks/ddp.py" in log
+    if not parts:  # under 7 minutes with the script's own start-up
+        assert sum(int(s) for s in re.findall(r"\(limit (\d+)s\)", log)) <= 415
 
 
 def test_gpu_check_rejects_an_unknown_part(tmp_path: Path) -> None:

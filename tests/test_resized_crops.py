@@ -11,7 +11,6 @@ resized_crops_triton = import_kernels("kernels.resized_crops").resized_crops_tri
 pytestmark = pytest.mark.usefixtures("interpreted")
 # The CPU runs the kernel only in the interpreter: on a CUDA machine, CUDA alone.
 DEVICES = ["cpu"] * INTERPRET + [pytest.param("cuda", marks=pytest.mark.gpu)]
-HERE = "cpu" if INTERPRET else "cuda"  # where the kernel runs in the unmarked tests
 MEAN_255, STD_255 = [m * 255 for m in MEAN], [s * 255 for s in STD]
 # (height, width, train): landscape and portrait crops, a strip, a 9x downscale (long filter
 # spans), and val resizes that upscale a small image (every span clamped at the crop's edges).
@@ -78,20 +77,21 @@ def test_kernel_makes_no_host_sync():
     assert torch.isfinite(out.float()).all()
 
 
-def test_flip_mirrors_the_window():
-    images, plans, _ = _batch(HERE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_flip_mirrors_the_window(device):
+    images, plans, _ = _batch(device)
     args = (16, MEAN_255, STD_255, torch.float32)
     plain = resized_crops_triton(images, plans, torch.zeros(len(images), dtype=torch.bool), *args)
     mirrored = resized_crops_triton(images, plans, torch.ones(len(images), dtype=torch.bool), *args)
     assert torch.equal(plain.flip(-1), mirrored)
 
 
-def test_batcher_crops_use_the_kernel_on_cuda_or_under_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batcher_crops_use_the_kernel_on_cuda_or_under_the_interpreter(device, monkeypatch):
     """DeviceBatcher.crops, which the gpu decode mode calls, gives the kernel's batch on CUDA
     (here: CPU tensors under the interpreter) and the reference's on the CPU."""
-    device = torch.device(HERE)
-    images, plans, flips = _batch(HERE)
-    got = DeviceBatcher(device, channels_last=True, dtype=torch.bfloat16).crops(
+    images, plans, flips = _batch(device)
+    got = DeviceBatcher(torch.device(device), channels_last=True, dtype=torch.bfloat16).crops(
         images, plans, flips, 16
     )
     want = resized_crops_triton(
