@@ -10,6 +10,7 @@ Two ways, chosen by the loader:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,8 +85,16 @@ def _in_thread(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@functools.cache
+def _pool_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for the whole run. Streams come round-robin from torch's pool
+    of 32, which NCCL's and nvJPEG's streams are drawn from too: a new one each epoch would, by
+    the 32nd, share one with the all-reduces (correct, but serialised with them)."""
+    return torch.cuda.Stream(device)
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    side = torch.cuda.Stream(device)
+    side = _pool_stream(device)
     # Device-side wait, no host sync: work queued so far on the default stream (such as the
     # copies of the normalisation constants) comes before the side stream's.
     side.wait_stream(torch.cuda.current_stream(device))
