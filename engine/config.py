@@ -344,12 +344,17 @@ def read_yaml(path: str | os.PathLike, what: str) -> dict:
 
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """Read a recipe file, apply `dotted.key=value` overrides, expand `${VAR}`, validate."""
+    return from_raw(expand_env(read_raw(path, overrides), ""))
+
+
+def read_raw(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """A recipe file with its overrides applied, before `${VAR}` expansion and validation."""
     path = Path(path)
     raw = read_yaml(path, "recipe")
     raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
-    return from_raw(expand_env(raw, ""))
+    return raw
 
 
 def from_raw(raw: dict) -> Recipe:

@@ -244,8 +244,9 @@ def run_retrain(ctx: Context, stage: RetrainStage, index: int, resume: dict | No
     if stage.variant == "wr" and resume is None:
         rewind(ctx, stage, index)
     result = fit(ctx, StagePlan(index, plan.total_steps, plan.lr, plan.momentum), resume)
-    sparsity = prune.report(ctx.model, ctx.masks or None)["sparsity"]
-    return {"epochs": stage.epochs, "variant": stage.variant, "sparsity": sparsity, **result}
+    rep = prune.report(ctx.model, ctx.masks or None)
+    found = {"sparsity": rep["sparsity"], "params": rep["params"]}
+    return {"epochs": stage.epochs, "variant": stage.variant, **found, **result}
 
 
 def rewind(ctx: Context, stage: RetrainStage, index: int) -> None:

@@ -64,9 +64,7 @@ def _unset(all_cells: list[Cell]) -> list[str]:
     names = set()
     for cell in all_cells:
         try:
-            raw = config.read_yaml(Path(cell.recipe), "recipe")
-            for item in cell.overrides:
-                config.apply_override(raw, item)
+            raw = config.read_raw(cell.recipe, cell.overrides)
         except UserError:  # the check proper says what is wrong
             raw = {}
         found = config.ENV_VAR.finditer(
