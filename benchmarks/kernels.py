@@ -259,6 +259,7 @@ def main() -> None:
         graph = _graph_seconds(run, args.repeats) if device.type == "cuda" else None
         if graph is not None:
             methods[name].update({"graph_ms": graph * 1e3, "graph_GB/s": nbytes / graph / 1e9})
+        print(f"{name}: {methods[name]['ms']:.3f} ms", flush=True)  # a timeout keeps these
         del run
     copy = methods.pop("device-to-device copy", None)
 

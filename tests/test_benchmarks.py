@@ -207,7 +207,7 @@ def run_gpu_check(tmp_path: Path, parts: str, gpus: int) -> subprocess.Completed
     )
 
 
-DEFAULT_PARTS = ["gpu-tests", "throughput", "kernels", "data", "structured", "demo"]
+DEFAULT_PARTS = ["gpu-tests", "throughput", "kernels", "data", "demo"]
 
 
 @pytest.mark.parametrize(
@@ -216,6 +216,7 @@ DEFAULT_PARTS = ["gpu-tests", "throughput", "kernels", "data", "structured", "de
         ("", 1, [*DEFAULT_PARTS, "ddp:SKIP"]),
         ("", 2, [*DEFAULT_PARTS, "ddp"]),
         ("autotune", 1, ["autotune"]),
+        ("structured", 1, ["structured"]),
         ("kernels demo", 1, ["kernels", "demo"]),
     ],
 )
@@ -223,8 +224,8 @@ def test_gpu_check_runs_the_parts_asked_for(
     tmp_path: Path, parts: str, gpus: int, expected: list
 ) -> None:
     """With a stand-in python that claims `gpus` GPUs: every default part but the opt-in
-    autotune (ddp only with several GPUs, else skipped and said so), or exactly the parts named
-    in PARTS; each logged and summarised, exit 0 when all pass."""
+    structured and autotune (ddp only with several GPUs, else skipped and said so), or exactly
+    the parts named in PARTS; each logged and summarised, exit 0 when all pass."""
     done = run_gpu_check(tmp_path, parts, gpus)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "gpu_check.log").read_text()

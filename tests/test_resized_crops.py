@@ -54,11 +54,14 @@ def test_kernel_matches_the_per_image_reference(device, channels_last, dtype):
     assert out.shape == (len(CASES), 3, 16, 16) and out.dtype == dtype
     assert out.is_contiguous(memory_format=fmt) and out.device == images[0].device
     want = _reference(images, plans, flips, 16)
-    if dtype == torch.float32:  # weights and sums in another order: ulps of values up to ~2.6
-        torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    # Filter weights normalised and summed in another order than F.interpolate's: on an H100
+    # (CUDA's reference) up to 1.3e-5 apart, 1/1000 of a uint8 level (1/57 after normalising).
+    atol = 5e-5
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want, rtol=0, atol=atol)
     else:  # rounded (compiled) or truncated (interpreter) to the dtype: under one ulp
         ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
-        torch.testing.assert_close(out.float(), want, rtol=ulp, atol=1e-6)
+        torch.testing.assert_close(out.float(), want, rtol=ulp, atol=atol)
 
 
 @pytest.mark.gpu
